@@ -13,7 +13,8 @@ have="$(cat "$VENV/.murmur-stamp" 2>/dev/null || true)"
 if [ "$want" != "$have" ]; then
     echo "murmur: installing dependencies into $VENV" >&2
     # torch is pinned first: 2.13.0 is the CPU build here; an open spec would pull CUDA wheels.
-    "$VENV/bin/python" -m pip install -q torch==2.13.0
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[$1]"
+    # (pip's notes about this machine's local package mirrors are filtered out; errors are kept.)
+    "$VENV/bin/python" -m pip install -q torch==2.13.0 2> >(grep -v '^WARNING: Location' >&2)
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[$1]" 2> >(grep -v '^WARNING: Location' >&2)
     echo "$want" > "$VENV/.murmur-stamp"
 fi
