@@ -1,0 +1,286 @@
+"""The secure channel: a trio stream that runs the murmur handshake, then encrypted frames.
+
+`open_secure_channel(stream, ...)` wraps any `trio.abc.Stream` (TCP, a memory stream pair, the
+simulated network), like trio's SSLStream. It pumps bytes between the transport and the sans-IO
+cores in `handshake.py` and `frames.py`; this module only does I/O and translates errors:
+
+- during the handshake: `trio.TooSlowError` -> `PeerTimeout`; a transport that breaks or closes
+  -> `PeerUnreachable`; the peer failing authentication -> `AuthenticationError`; garbage ->
+  `RemoteProtocolError`. Any failure closes the transport; nothing of it reaches the caller.
+- afterwards, `SecureStream` keeps trio's stream contract (it passes
+  `trio.testing.check_half_closeable_stream`): `trio.BrokenResourceError` when the transport
+  breaks, `trio.ClosedResourceError` after our own `aclose`, `trio.BusyResourceError` on
+  concurrent sends or receives. A frame that fails authentication (cryptography's InvalidTag),
+  or any other framing violation, raises `RemoteProtocolError` to the reader and tears the
+  connection down; later calls then raise `trio.BrokenResourceError`.
+
+End of stream: `send_eof()` sends an authenticated end-of-stream frame (and half-closes the
+transport if it can). `aclose()` does not send one: like SSLStream in https-compatible mode it
+just closes the transport, because waiting to send on a stalled peer could hang. A reader thus
+sees b"" both after the peer's `send_eof()` and after the transport closes between frames; a
+transport closing in the middle of a frame is a truncation and raises `RemoteProtocolError`.
+Layers above frame their own messages, so a cut at a frame boundary shows up there as an
+incomplete message.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Sequence
+
+import trio
+
+from gossip.errors import PeerTimeout, PeerUnreachable, RemoteProtocolError
+from gossip.frames import (
+    CLOSED,
+    DEFAULT_FRAME_PLAINTEXT,
+    END_OF_STREAM,
+    NEED_DATA,
+    FrameDecoder,
+    FrameEncoder,
+)
+from gossip.handshake import PROTOCOL_VERSION, Handshake, HandshakeResult, PeerHello
+from gossip.identity import Identity, SwarmKey
+
+__all__ = ["PROTOCOL_VERSION", "PeerHello", "SecureStream", "open_secure_channel"]
+
+# Largest read we ask the transport for beyond what the current frame still needs: small frames
+# arrive many per read, large frames are read up to their end in one call.
+_READ_SIZE = 1 << 16
+# How long a refusing responder spends trying to tell the initiator why before it closes.
+_REJECT_FLUSH_TIMEOUT = 1.0
+
+
+class SecureStream(trio.abc.HalfCloseableStream):
+    """An authenticated, encrypted stream over `transport_stream`, after a successful handshake.
+
+    `peer` is what the handshake proved about the other side; `handshake_hash` is unique to this
+    connection (both sides agree on it), usable for channel binding.
+    """
+
+    def __init__(
+        self, transport_stream: trio.abc.Stream, result: HandshakeResult, *, frame_size: int = DEFAULT_FRAME_PLAINTEXT
+    ) -> None:
+        self.transport_stream = transport_stream
+        self.peer: PeerHello = result.peer
+        self.handshake_hash: bytes = result.handshake_hash
+        self._encoder = FrameEncoder(result.send_key, max_frame=frame_size, first_counter=result.send_counter)
+        self._decoder = FrameDecoder(result.recv_key, first_counter=result.recv_counter)
+        if result.leftover:
+            self._decoder.receive_data(result.leftover)
+        self._sending = False  # a task is in send_all / send_eof / wait_send_all_might_not_block
+        self._receiving = False  # a task is in receive_some
+        self._closed = False  # we called aclose()
+        self._eof_sent = False
+        self._send_broken = False  # a send was interrupted mid-frame: the counter is out of step
+        self._torn_down: RemoteProtocolError | None = None  # the peer broke the protocol
+        self._pending = b""  # plaintext of a frame that did not fit in the last receive_some
+        self._pending_at = 0
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _enter_send(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this SecureStream")
+        if self._closed:
+            raise trio.ClosedResourceError("this SecureStream was closed")
+        if self._torn_down is not None:
+            raise trio.BrokenResourceError(f"connection torn down: {self._torn_down}")
+        if self._send_broken:
+            raise trio.BrokenResourceError("an earlier send was interrupted; the stream can no longer send")
+        self._sending = True
+
+    async def _send_frame(self, frame: bytes | bytearray) -> None:
+        try:
+            await self.transport_stream.send_all(frame)
+        except trio.ClosedResourceError:
+            # Closed under us by our own aclose(), or torn down after a protocol error.
+            self._send_broken = True
+            if self._torn_down is not None:
+                raise trio.BrokenResourceError(f"connection torn down: {self._torn_down}") from None
+            raise
+        except BaseException:
+            # Part of a frame may have gone out (or a counter was spent): never send again.
+            self._send_broken = True
+            raise
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._enter_send()
+        try:
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_all() after send_eof()")
+            with memoryview(data) as view:
+                view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+                if not view:
+                    await trio.lowlevel.checkpoint()
+                    return
+                # Cancelled here costs nothing: no counter has been spent yet.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                step = self._encoder.max_frame
+                for start in range(0, len(view), step):
+                    await self._send_frame(self._encoder.encode(view[start : start + step]))
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        self._enter_send()
+        try:
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._send_frame(self._encoder.encode_eof())
+            self._eof_sent = True
+            if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
+                await self.transport_stream.send_eof()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._enter_send()
+        try:
+            await self.transport_stream.wait_send_all_might_not_block()
+        finally:
+            self._sending = False
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this SecureStream")
+        if self._closed:
+            raise trio.ClosedResourceError("this SecureStream was closed")
+        if self._torn_down is not None:
+            raise trio.BrokenResourceError(f"connection torn down: {self._torn_down}")
+        self._receiving = True
+        try:
+            return await self._receive(max_bytes)
+        finally:
+            self._receiving = False
+
+    def _take(self, data: bytes, max_bytes: int | None) -> bytes:
+        if max_bytes is None or len(data) <= max_bytes:
+            return data
+        self._pending, self._pending_at = data, max_bytes
+        return data[:max_bytes]
+
+    async def _receive(self, max_bytes: int | None) -> bytes:
+        if self._pending_at < len(self._pending):
+            end = len(self._pending) if max_bytes is None else self._pending_at + max_bytes
+            chunk = self._pending[self._pending_at : end]
+            self._pending_at += len(chunk)
+            await trio.lowlevel.checkpoint()
+            return chunk
+        self._pending, self._pending_at = b"", 0
+        decoder = self._decoder
+        waited = False
+        while True:
+            try:
+                item = decoder.next_frame()
+            except RemoteProtocolError as exc:
+                await self._tear_down(exc)
+                raise
+            if item is NEED_DATA:
+                want = min(decoder.room(), max(decoder.wanted(), _READ_SIZE))
+                data = await self.transport_stream.receive_some(want)
+                waited = True
+                decoder.receive_data(data)
+                continue
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            if item is END_OF_STREAM or item is CLOSED:
+                return b""
+            return self._take(item, max_bytes)  # type: ignore[arg-type]
+
+    async def _tear_down(self, exc: RemoteProtocolError) -> None:
+        self._torn_down = exc
+        await trio.aclose_forcefully(self.transport_stream)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._pending = b""
+        await self.transport_stream.aclose()
+
+
+async def _send_handshake(stream: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise PeerUnreachable(f"connection lost during the handshake: {exc!r}") from exc
+
+
+async def _run_handshake(stream: trio.abc.Stream, hs: Handshake) -> HandshakeResult:
+    while True:
+        out = hs.data_to_send()
+        if out:
+            await _send_handshake(stream, out)
+        if hs.done:
+            assert hs.result is not None
+            return hs.result
+        try:
+            data = await stream.receive_some(hs.bytes_wanted())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerUnreachable(f"connection lost during the handshake: {exc!r}") from exc
+        if not data:
+            raise PeerUnreachable(f"peer closed the connection during the handshake ({hs.state})")
+        try:
+            hs.receive_data(data)
+        except RemoteProtocolError:
+            reject = hs.data_to_send()
+            if reject:
+                # Tell the initiator why, but never let a stalled peer hold us: bounded and
+                # shielded, so the outer deadline cannot turn our verdict into a timeout.
+                with trio.move_on_after(_REJECT_FLUSH_TIMEOUT, shield=True):
+                    try:
+                        await stream.send_all(reject)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            raise
+
+
+async def open_secure_channel(
+    stream: trio.abc.Stream,
+    *,
+    identity: Identity,
+    swarm: SwarmKey,
+    initiator: bool,
+    listen_addrs: Sequence[str] = (),
+    expected_peer_id: bytes | None = None,
+    timeout: float = 10.0,
+) -> SecureStream:
+    """Run the murmur handshake over `stream` and return the secure stream on top of it.
+
+    Raises AuthenticationError (wrong swarm key, wrong version, bad signature, swarm id mismatch,
+    unexpected peer id, or the peer refused us), RemoteProtocolError (malformed handshake),
+    PeerTimeout (not done within `timeout` seconds) or PeerUnreachable (the transport failed).
+    On any failure the transport is closed before the error propagates.
+    """
+    try:
+        if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        hs = Handshake(
+            initiator=initiator,
+            identity=identity,
+            swarm=swarm,
+            listen_addrs=listen_addrs,
+            expected_peer_id=expected_peer_id,
+        )
+        try:
+            with trio.fail_after(timeout):
+                result = await _run_handshake(stream, hs)
+        except trio.TooSlowError:
+            raise PeerTimeout(f"handshake not finished within {timeout} s ({hs.state})") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return SecureStream(stream, result)
+
