@@ -189,6 +189,15 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError("header is not valid JSON (corrupt file)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+        and isinstance(v["data_offsets"][1], int)
+    ] if isinstance(header, dict) else []
+    body = len(data) - 8 - n
+    if ends and max(ends) > body:
+        raise CheckpointError(f"file is truncated ({max(ends) - body} bytes of tensor data missing)")
     if not isinstance(meta, dict):
         raise CheckpointError("file has no murmur metadata (not a murmur checkpoint)")
     return meta
