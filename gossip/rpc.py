@@ -290,7 +290,10 @@ class _Inbound:
 class RpcLimits:
     """Bounds on one connection's RPC state; each one caps a queue or a table."""
 
-    max_calls: int = 256  # our calls in flight on the connection (start_call refuses more)
+    # Our calls in flight on the connection (start_call refuses more; the pump queues callers).
+    # Equal to max_inbound by default, so two default peers never refuse each other's calls:
+    # the callee frees a slot (last answer byte sent) before the caller does (last byte read).
+    max_calls: int = 64
     max_inbound: int = 64  # peer requests being received, handled or answered; more get "Overloaded"
     chunk_bytes: int = CHUNK_BYTES  # raw bytes per chunk we send (<= CHUNK_BYTES)
 

@@ -1,0 +1,316 @@
+"""One RPC connection: the trio pump around `gossip.rpc.RpcProtocol` on any byte stream.
+
+Two tasks per connection: one receives (bytes -> events -> waiters and handler tasks), one sends
+(whatever `data_to_send()` hands out: control messages first, then one bulk chunk at a time).
+Many calls share the connection; each waits on its own id. All decisions about bytes live in
+the sans-IO core; this module only moves bytes, runs handlers and keeps deadlines.
+
+How a connection ends, and what callers see:
+- the peer sends invalid bytes or messages -> it is dropped (one warning line, counted in
+  `stats.protocol_errors`); a call whose answer broke the schema raises `RemoteProtocolError`,
+  the other calls in flight `PeerUnreachable`;
+- the stream breaks or the peer closes it -> calls in flight raise `PeerUnreachable`;
+- either side sends GOAWAY (`start_drain`) -> no new calls; calls in flight finish; then the
+  stream is half-closed and closed. This is how duplicate connections and `aclose` end politely.
+Every wait is bounded: flushing before a close by `flush_timeout`, the peer's end of stream
+after ours by `close_timeout`, each call by the deadline its caller puts around it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import trio
+
+from gossip.errors import LocalProtocolError, PeerUnreachable, RemoteError, RemoteProtocolError
+from gossip.messages import MessageType
+from gossip.rpc import (
+    NEED_DATA,
+    CallProtocolError,
+    CancelReceived,
+    ConnectionEnded,
+    ErrorReceived,
+    GoAwayReceived,
+    RequestReceived,
+    ResponseReceived,
+    RpcLimits,
+    RpcProtocol,
+)
+from gossip.transport import Buffer, Handler, Request, Response, TrafficStats
+
+log = logging.getLogger("murmur.gossip.connection")
+
+MAX_HANDLER_ERROR = 500  # chars of a handler's exception text sent back (as the sim does)
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_serial = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Bounds and deadlines of one connection."""
+
+    limits: RpcLimits = field(default_factory=RpcLimits)  # in-flight calls and chunk size
+    receive_bytes: int | None = None  # max bytes per receive_some; None = whatever the stream has (a whole frame)
+    flush_timeout: float = 2.0  # seconds to get queued bytes out before closing (error reply, GOAWAY)
+    close_timeout: float = 5.0  # seconds to wait for the peer's end of stream after ours
+
+    def __post_init__(self) -> None:
+        if self.receive_bytes is not None and self.receive_bytes < 1:
+            raise ValueError("receive_bytes must be >= 1, or None for whole frames")
+        if not (self.flush_timeout > 0 and self.close_timeout > 0):
+            raise ValueError("flush_timeout and close_timeout must be > 0 seconds")
+
+
+class ConnectionClosing(PeerUnreachable):
+    """The connection is winding down (GOAWAY or closed): open or pick another one."""
+
+
+class _Waiter:
+    __slots__ = ("event", "body", "buffers", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.body: dict | None = None
+        self.buffers: list = []
+        self.error: Exception | None = None
+
+    def resolve(self, body: dict | None = None, buffers: list | None = None, error: Exception | None = None) -> None:
+        if not self.event.is_set():
+            self.body, self.buffers, self.error = body, buffers or [], error
+            self.event.set()
+
+
+class Connection:
+    """Calls and answers over one stream to one authenticated peer. Run it with `run()`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        peer_id: bytes,
+        handlers: Mapping[str, Handler],
+        stats: TrafficStats | None = None,
+        address: str | None = None,
+        initiator: bool = True,
+        config: ConnectionConfig = ConnectionConfig(),
+        label: str = "",
+    ) -> None:
+        self.peer_id = peer_id
+        self.address = address  # an address the peer announced for itself, if any
+        self.initiator = initiator  # True if we dialed
+        self.serial = next(_serial)  # creation order: a later connection has a larger serial
+        self.config = config
+        self.stats = stats if stats is not None else TrafficStats()
+        self.label = label or peer_id.hex()[:12]
+        self.last_used = trio.current_time()
+        self._stream = stream
+        self._handlers = handlers
+        self._proto = RpcProtocol(config.limits, self.stats)
+        self._slots = trio.Semaphore(config.limits.max_calls)
+        self._waiters: dict[int, _Waiter] = {}
+        self._handler_scopes: dict[int, trio.CancelScope] = {}
+        self._wakeup = trio.Event()
+        self._ending: str | None = None  # why the connection ends; set once
+        self._done = trio.Event()  # set with _ending
+        self._send_exited = trio.Event()
+        self._closed = trio.Event()  # run() has returned and the stream is closed
+        self._violation: RemoteProtocolError | None = None
+        self.on_goaway: list = []  # callbacks (this connection) when the peer says GOAWAY
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """New calls may start here (not ending, not draining)."""
+        return self._ending is None and not self._proto.goaway_sent and not self._proto.goaway_received
+
+    @property
+    def idle(self) -> bool:
+        return self._proto.idle and not self._waiters and not self._handler_scopes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def ending_reason(self) -> str | None:
+        return self._ending
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    async def call(self, mt: MessageType, body: dict, buffers: Sequence[Buffer] = ()) -> tuple[dict, list]:
+        """Send one request and wait for its answer; cancel the wait to cancel the call.
+
+        Raises RemoteError (the handler failed), RemoteProtocolError (the answer broke its
+        schema), PeerUnreachable (the connection ended first; ConnectionClosing if it was
+        already winding down), LocalProtocolError (our own message is invalid).
+        """
+        async with self._slots:
+            if not self.usable:
+                raise ConnectionClosing(f"connection to {self.label} is {self._ending or 'closing'}")
+            call_id = self._proto.start_call(mt, body, buffers)
+            self.last_used = trio.current_time()
+            waiter = self._waiters[call_id] = _Waiter()
+            self._wake()
+            try:
+                await waiter.event.wait()
+            finally:
+                del self._waiters[call_id]
+                if not waiter.event.is_set():  # cancelled or timed out: tell the peer
+                    self._proto.cancel_call(call_id)
+                    self._wake()
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.body is not None
+        return waiter.body, waiter.buffers
+
+    def start_drain(self) -> None:
+        """Send GOAWAY: no new calls either way; close once the calls in flight are done."""
+        if self._ending is None:
+            self._proto.send_goaway()
+            self._wake()
+
+    async def aclose(self) -> None:
+        """Close now: queued bytes get `flush_timeout` to leave, calls in flight fail."""
+        self._end("closed by us")
+        await self._closed.wait()
+
+    # -- the pump ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Pump until the connection ends. Peer misbehaviour never escapes as an exception."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._send_loop)
+                await self._done.wait()
+                with trio.move_on_after(self.config.flush_timeout):
+                    await self._send_exited.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._end("closed")
+            self._fail_waiters()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+            self._closed.set()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _end(self, reason: str) -> None:
+        if self._ending is None:
+            self._ending = reason
+            self._done.set()
+            self._wake()
+
+    def _fail_waiters(self) -> None:
+        for call_id, waiter in list(self._waiters.items()):
+            v = self._violation
+            if isinstance(v, CallProtocolError) and v.call_id == call_id:
+                waiter.resolve(error=RemoteProtocolError(str(v)))
+            else:
+                waiter.resolve(error=PeerUnreachable(f"connection to {self.label} {self._ending}"))
+
+    async def _send_loop(self) -> None:
+        proto, stream = self._proto, self._stream
+        try:
+            while True:
+                self._wakeup = trio.Event()
+                data = proto.data_to_send()
+                if data is not None:
+                    await stream.send_all(data)
+                    continue
+                if self._ending is not None:
+                    return  # everything queued is out
+                if proto.finished:
+                    await self._finish_gracefully()
+                    return
+                await self._wakeup.wait()
+        except _STREAM_ERRORS as exc:
+            self._end(f"lost while sending ({type(exc).__name__}: {exc})")
+        finally:
+            self._send_exited.set()
+
+    async def _finish_gracefully(self) -> None:
+        # Both sides said GOAWAY and nothing is in flight: half-close so the peer reads every
+        # byte we sent, then wait (bounded) for its end of stream before closing.
+        if isinstance(self._stream, trio.abc.HalfCloseableStream):
+            await self._stream.send_eof()
+            with trio.move_on_after(self.config.close_timeout):
+                await self._done.wait()
+        self._end("closed after GOAWAY")
+
+    async def _receive_loop(self) -> None:
+        proto, stream = self._proto, self._stream
+        try:
+            while True:
+                data = await stream.receive_some(self.config.receive_bytes)
+                proto.receive_data(data)
+                while (event := proto.next_event()) is not NEED_DATA:
+                    if isinstance(event, ConnectionEnded):
+                        self._end("closed after GOAWAY" if proto.finished else "closed by the peer")
+                        return
+                    self._dispatch(event)
+                self._wake()
+        except RemoteProtocolError as exc:
+            self._violation = exc
+            self.stats.protocol_errors += 1
+            log.warning("dropping connection to %s (%s): %s", self.label, self.address or "?", exc)
+            self._end(f"dropped: the peer broke the protocol ({exc})")
+        except _STREAM_ERRORS as exc:
+            self._end(f"lost ({type(exc).__name__}: {exc})")
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, RequestReceived):
+            self.last_used = trio.current_time()
+            self._handler_scopes[event.request_id] = scope = trio.CancelScope()
+            self._nursery.start_soon(self._handle, event, scope)
+        elif isinstance(event, ResponseReceived):
+            waiter = self._waiters.get(event.call_id)
+            if waiter is not None:
+                waiter.resolve(event.body, event.buffers)
+        elif isinstance(event, ErrorReceived):
+            waiter = self._waiters.get(event.call_id)
+            if waiter is not None:
+                waiter.resolve(error=RemoteError(event.kind, event.message))
+        elif isinstance(event, CancelReceived):
+            scope = self._handler_scopes.get(event.request_id)
+            if scope is not None:
+                scope.cancel()
+        elif isinstance(event, GoAwayReceived):
+            for callback in self.on_goaway:
+                callback(self)
+
+    async def _handle(self, event: RequestReceived, scope: trio.CancelScope) -> None:
+        proto, rid, name = self._proto, event.request_id, event.message_type.name
+        try:
+            with scope:
+                handler = self._handlers.get(name)
+                if handler is None:
+                    proto.respond_error(rid, "RemoteProtocolError", f"no handler for {name}")
+                    return
+                request = Request(self.peer_id, self.address, name, event.body, event.buffers)
+                try:
+                    response = await handler(request)
+                except Exception as exc:  # a handler bug is the caller's RemoteError, never our crash
+                    if isinstance(exc, RemoteProtocolError):
+                        self.stats.protocol_errors += 1
+                    proto.respond_error(rid, type(exc).__name__, str(exc)[:MAX_HANDLER_ERROR])
+                    return
+                if not isinstance(response, Response):
+                    proto.respond_error(rid, "LocalProtocolError", f"handler for {name} returned {type(response).__name__}")
+                    return
+                try:
+                    proto.respond(rid, response.body, response.buffers)
+                except LocalProtocolError as exc:
+                    proto.respond_error(rid, "LocalProtocolError", str(exc)[:MAX_HANDLER_ERROR])
+        finally:
+            del self._handler_scopes[rid]
+            self._wake()
