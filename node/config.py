@@ -36,8 +36,8 @@ class NodeConfig:
     outer_momentum: float | None = None  # outer momentum; None = the algorithm's default
     codec: str | None = None  # payload codec (fp32, bf16, e3m0, ...); None = the algorithm's default
     fragments: int | None = None  # streaming-diloco: number of fragments; None = its default
-    tau: int | None = None  # streaming-diloco: inner steps a fragment's sync overlaps; None = default
-    alpha: float | None = None  # streaming-diloco: merge weight of the local weights; None = default
+    delay: int | None = None  # streaming-diloco: τ, inner steps a fragment's sync overlaps; None = default
+    merge_alpha: float | None = None  # streaming-diloco: α, weight of the local weights in the merge
     sync_timeout: float = 30.0  # seconds an outer sync may take before it is counted as missed
     # -- task --
     task: str = "lm"  # the built-in byte-level language model (node/lm_task.py)
@@ -91,10 +91,10 @@ class NodeConfig:
 
     def algorithm_options(self) -> dict[str, Any]:
         """The algorithm options that were set (None = leave the algorithm's own default)."""
-        keys = ["outer_lr", "outer_momentum", "codec", "sync_timeout"]
+        keys = ["outer_lr", "outer_momentum", "codec"]
         if self.algorithm == "streaming-diloco":
-            keys += ["fragments", "tau", "alpha"]
-        out = {"sync_every": self.sync_every}
+            keys += ["fragments", "delay", "merge_alpha"]
+        out: dict[str, Any] = {"sync_every": self.sync_every, "timeout": self.sync_timeout}
         out.update({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
         return out
 
@@ -138,12 +138,12 @@ def _check(cfg: NodeConfig) -> None:
         raise ValueError(f"weight-decay must be in [0, 1), got {cfg.weight_decay}")
     if cfg.outer_momentum is not None and not 0.0 <= cfg.outer_momentum < 1.0:
         raise ValueError(f"outer-momentum must be in [0, 1), got {cfg.outer_momentum}")
-    if cfg.alpha is not None and not 0.0 <= cfg.alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {cfg.alpha}")
-    for name in ("fragments", "tau"):
+    if cfg.merge_alpha is not None and not 0.0 <= cfg.merge_alpha <= 1.0:
+        raise ValueError(f"merge-alpha must be in [0, 1], got {cfg.merge_alpha}")
+    for name in ("fragments", "delay"):
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < (1 if name == "fragments" else 0)):
-            raise ValueError(f"{name} must be a whole number (fragments >= 1, tau >= 0), got {value!r}")
+            raise ValueError(f"{name} must be a whole number (fragments >= 1, delay >= 0), got {value!r}")
 
 
 def check_address(addr: str, what: str = "address") -> tuple[str, int]:
