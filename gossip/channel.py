@@ -25,6 +25,7 @@ incomplete message.
 
 from __future__ import annotations
 
+import errno
 import math
 import operator
 from typing import Sequence
@@ -39,6 +40,9 @@ from gossip.frames import (
     NEED_DATA,
     FrameDecoder,
     FrameEncoder,
+    HEADER_LEN,
+    MAX_FRAME_PLAINTEXT,
+    TAG_LEN,
 )
 from gossip.handshake import PROTOCOL_VERSION, Handshake, HandshakeResult, PeerHello
 from gossip.identity import Identity, SwarmKey
@@ -77,6 +81,13 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._torn_down: RemoteProtocolError | None = None  # the peer broke the protocol
         self._pending = b""  # plaintext of a frame that did not fit in the last receive_some
         self._pending_at = 0
+        # TCP fast paths. SocketStream.send_all has handed every byte to the kernel when it
+        # returns, so one send buffer can be reused for every frame; and we can receive straight
+        # into the frame decoder's buffer. Other transports might keep a reference to what they
+        # are given (a simulated link queueing it), so they get a fresh buffer per frame.
+        is_tcp = type(transport_stream) is trio.SocketStream
+        self._socket = transport_stream.socket if is_tcp else None
+        self._send_buf = bytearray(HEADER_LEN + frame_size + TAG_LEN) if is_tcp else None
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -119,7 +130,7 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint_if_cancelled()
                 step = self._encoder.max_frame
                 for start in range(0, len(view), step):
-                    await self._send_frame(self._encoder.encode(view[start : start + step]))
+                    await self._send_frame(self._encoder.encode(view[start : start + step], self._send_buf))
         finally:
             self._sending = False
 
@@ -186,6 +197,14 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 raise
             if item is NEED_DATA:
                 want = min(decoder.room(), max(decoder.wanted(), _READ_SIZE))
+                if self._socket is not None:
+                    n = await _recv_into(self._socket, decoder.get_buffer(want))
+                    waited = True
+                    if n:
+                        decoder.buffer_updated(n)
+                    else:
+                        decoder.receive_data(b"")
+                    continue
                 data = await self.transport_stream.receive_some(want)
                 waited = True
                 decoder.receive_data(data)
@@ -209,6 +228,16 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._closed = True
         self._pending = b""
         await self.transport_stream.aclose()
+
+
+async def _recv_into(sock: trio.socket.SocketType, buffer: memoryview) -> int:
+    # The same error mapping as trio.SocketStream.receive_some, which this path stands in for.
+    try:
+        return await sock.recv_into(buffer)
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 async def _send_handshake(stream: trio.abc.Stream, data: bytes) -> None:
@@ -256,17 +285,21 @@ async def open_secure_channel(
     listen_addrs: Sequence[str] = (),
     expected_peer_id: bytes | None = None,
     timeout: float = 10.0,
+    frame_size: int = DEFAULT_FRAME_PLAINTEXT,
 ) -> SecureStream:
     """Run the murmur handshake over `stream` and return the secure stream on top of it.
 
     Raises AuthenticationError (wrong swarm key, wrong version, bad signature, swarm id mismatch,
     unexpected peer id, or the peer refused us), RemoteProtocolError (malformed handshake),
     PeerTimeout (not done within `timeout` seconds) or PeerUnreachable (the transport failed).
-    On any failure the transport is closed before the error propagates.
+    On any failure the transport is closed before the error propagates. `frame_size` is the
+    largest plaintext we put in one frame (1 byte .. MAX_FRAME_PLAINTEXT); the peer accepts any.
     """
     try:
         if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not 1 <= frame_size <= MAX_FRAME_PLAINTEXT:
+            raise ValueError(f"frame_size must be 1..{MAX_FRAME_PLAINTEXT} bytes, not {frame_size!r}")
         hs = Handshake(
             initiator=initiator,
             identity=identity,
@@ -282,5 +315,5 @@ async def open_secure_channel(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    return SecureStream(stream, result)
+    return SecureStream(stream, result, frame_size=frame_size)
 

@@ -32,6 +32,7 @@ KEY_LEN = 32  # AES-256
 MAX_FRAME_PLAINTEXT = 1 << 20
 # What we send by default; see scripts/bench/transport.py for the measurement behind it.
 DEFAULT_FRAME_PLAINTEXT = 1 << 18
+_INITIAL_BUFFER = (64 << 10) + HEADER_LEN + TAG_LEN  # a decoder's buffer before big frames arrive
 _MAX_COUNTER = 2**64 - 1  # Noise reserves nonce 2^64-1; a connection that gets there must end
 _HAS_INTO = hasattr(AESGCM, "encrypt_into")  # cryptography >= 45 writes into our buffers
 
@@ -77,20 +78,28 @@ class FrameEncoder:
         self.counter += 1
         return nonce
 
-    def encode(self, data: bytes | bytearray | memoryview) -> bytearray:
-        """One frame (header + ciphertext, in one buffer) for 1..max_frame bytes of plaintext."""
+    def encode(self, data: bytes | bytearray | memoryview, out: bytearray | None = None) -> bytearray | memoryview:
+        """One frame (header + ciphertext, in one buffer) for 1..max_frame bytes of plaintext.
+
+        With `out` (at least HEADER_LEN + len(data) + TAG_LEN bytes) the frame is written there
+        and a view of it returned, so a sender can reuse one buffer for every frame.
+        """
         n = len(data)
         if not 1 <= n <= self.max_frame:
             raise LocalProtocolError(f"a data frame carries 1 to {self.max_frame} bytes, not {n}")
+        size = HEADER_LEN + n + TAG_LEN
         header = (n + TAG_LEN).to_bytes(HEADER_LEN, "big")
         nonce = self._next_nonce()
-        if _HAS_INTO:
-            out = bytearray(HEADER_LEN + n + TAG_LEN)
-            out[:HEADER_LEN] = header
-            with memoryview(out) as view:
-                self._aead.encrypt_into(nonce, data, header, view[HEADER_LEN:])
-            return out
-        return bytearray(header + self._aead.encrypt(nonce, bytes(data), header))
+        if not _HAS_INTO:
+            return bytearray(header + self._aead.encrypt(nonce, bytes(data), header))
+        if out is None:
+            out = bytearray(size)
+        elif len(out) < size:
+            raise LocalProtocolError(f"output buffer of {len(out)} bytes is too small for a {size}-byte frame")
+        out[:HEADER_LEN] = header
+        with memoryview(out) as view:
+            self._aead.encrypt_into(nonce, data, header, view[HEADER_LEN:size])
+        return out if len(out) == size else memoryview(out)[:size]
 
     def encode_eof(self) -> bytes:
         """The end-of-stream frame: an authenticated empty plaintext."""
@@ -108,8 +117,14 @@ class FrameDecoder:
         self.max_frame = max_frame  # largest plaintext we accept in one frame
         self.capacity = HEADER_LEN + max_frame + TAG_LEN  # the most bytes we ever buffer
         self.counter = first_counter  # number of the next frame we expect
-        self._buf = bytearray()
-        self._start = 0  # bytes of _buf already consumed
+        # One buffer for the whole connection: bytes [_start, _end) are received but not yet
+        # decoded. It starts small (an idle connection costs little) and grows, at most to
+        # `capacity`, when the peer's frames need it; it is never shrunk or reallocated per
+        # frame, so large frames cost no allocator or page-fault churn.
+        self._buf = bytearray(min(self.capacity, _INITIAL_BUFFER))
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
         self._body_len: int | None = None  # the current frame's length, once its header is read
         self._transport_closed = False
         self._ended = False  # END_OF_STREAM received
@@ -118,17 +133,49 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf) - self._start
+        return self._end - self._start
 
     def room(self) -> int:
         """How many bytes `receive_data` accepts now (call `next_frame` until NEED_DATA first)."""
-        return self.capacity - self.buffered
+        return 0 if self._error is not None else self.capacity - self.buffered
 
     def wanted(self) -> int:
         """Bytes still missing to complete the current frame (at least 1)."""
         if self._body_len is None:
             return max(1, HEADER_LEN - self.buffered)
         return max(1, HEADER_LEN + self._body_len - self.buffered)
+
+    def get_buffer(self, size: int) -> memoryview:
+        """A writable view of up to `size` bytes (at most room()) to receive into directly.
+
+        Call `buffer_updated(n)` after writing n bytes at its start. This is the zero-copy twin of
+        `receive_data` for transports that can `recv_into`.
+        """
+        if self._transport_closed:
+            raise LocalProtocolError("get_buffer() after end of file")
+        size = min(size, self.room())
+        if self._end + size > len(self._buf):
+            tail = self._end - self._start
+            if tail + size > len(self._buf):
+                # Grow (by at least 2x, at most to capacity) and copy the undecoded tail over.
+                new = bytearray(min(self.capacity, max(tail + size, 2 * len(self._buf))))
+                new[:tail] = self._view[self._start : self._end]
+                self._buf, self._view = new, memoryview(new)
+            else:
+                # Slide the undecoded tail (less than one frame) to the front to make room.
+                self._buf[:tail] = self._view[self._start : self._end]
+            self._start, self._end = 0, tail
+        return self._view[self._end : self._end + size]
+
+    @property
+    def allocated(self) -> int:
+        """Size of the receive buffer now (at most `capacity`)."""
+        return len(self._buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the buffer handed out")
+        self._end += nbytes
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the transport; b"" means the transport reached end of file."""
@@ -137,21 +184,18 @@ class FrameDecoder:
         if not data:
             self._transport_closed = True
             return
-        if len(data) > self.room():
+        n = len(data)
+        if n > self.room():
             raise LocalProtocolError(
-                f"receive_data() of {len(data)} bytes exceeds room() = {self.room()}: "
+                f"receive_data() of {n} bytes exceeds room() = {self.room()}: "
                 "drain with next_frame() and read at most room() bytes"
             )
-        if self._start:
-            # Drop consumed bytes before growing, so the buffer stays within `capacity`.
-            del self._buf[: self._start]
-            self._start = 0
-        self._buf += data
+        self.get_buffer(n)[:] = data
+        self._end += n
 
     def _fail(self, message: str) -> RemoteProtocolError:
         self._error = RemoteProtocolError(message)
-        self._buf = bytearray()  # release the memory: nothing more will be decoded
-        self._start = 0
+        self._start = self._end = 0  # drop what is buffered: nothing more will be decoded
         return self._error
 
     def next_frame(self) -> bytes | _Sentinel:
@@ -163,10 +207,11 @@ class FrameDecoder:
                 raise self._fail("data after the end-of-stream frame")
             return END_OF_STREAM
         avail = self.buffered
+        start = self._start
         if self._body_len is None:
             if avail < HEADER_LEN:
                 return self._need_data(avail)
-            length = int.from_bytes(self._buf[self._start : self._start + HEADER_LEN], "big")
+            length = int.from_bytes(self._view[start : start + HEADER_LEN], "big")
             if length < TAG_LEN:
                 raise self._fail(f"frame length {length} is shorter than the {TAG_LEN}-byte tag")
             if length > self.max_frame + TAG_LEN:
@@ -178,26 +223,21 @@ class FrameDecoder:
             return self._need_data(avail)
         if self.counter >= _MAX_COUNTER:
             raise self._fail("frame counter exhausted")
-        start = self._start
-        with memoryview(self._buf) as view:
-            try:
-                plaintext = self._aead.decrypt(
-                    frame_nonce(self.counter),
-                    view[start + HEADER_LEN : start + end],
-                    view[start : start + HEADER_LEN],
-                )
-            except InvalidTag:
-                error = self._fail(
-                    f"frame {self.counter} failed authentication (tampered, replayed, reordered or "
-                    "from a different key)"
-                )
-                raise error from None
+        view = self._view
+        try:
+            plaintext = self._aead.decrypt(
+                frame_nonce(self.counter), view[start + HEADER_LEN : start + end], view[start : start + HEADER_LEN]
+            )
+        except InvalidTag:
+            raise self._fail(
+                f"frame {self.counter} failed authentication (tampered, replayed, reordered or "
+                "from a different key)"
+            ) from None
         self.counter += 1
-        self._start += end
         self._body_len = None
-        if self._start == len(self._buf):
-            self._buf.clear()  # the common case: nothing left over, no copying needed later
-            self._start = 0
+        self._start += end
+        if self._start == self._end:
+            self._start = self._end = 0  # the common case: nothing left over, nothing to move
         if not plaintext:
             self._ended = True
             if self.buffered:

@@ -1,0 +1,170 @@
+"""Transport throughput over loopback TCP: raw trio TCP vs. the secure channel.
+
+Each measurement runs the receiver in this process and the sender in a separate process (spawned
+with multiprocessing), so the two sides use two cores as two real peers would. The receiver times
+from the first byte it gets to the last; a one-byte acknowledgement keeps the sender from closing
+early. Every figure is the median of `--trials` runs; the ratio compares the two medians measured
+in the same run, which is what is comparable on a shared machine.
+
+    python scripts/bench/transport.py [--mib 1024] [--trials 3] [--frame-sizes 65536,262144,1048576]
+                                       [--json PATH]
+
+JSON keys: raw_gbps, secure_gbps (at the default frame size), ratio (secure/raw),
+secure_by_frame_size ({frame size: GB/s}). GB = 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without install
+
+import trio  # noqa: E402
+
+from gossip.channel import open_secure_channel  # noqa: E402
+from gossip.frames import DEFAULT_FRAME_PLAINTEXT  # noqa: E402
+from gossip.identity import Identity, SwarmKey  # noqa: E402
+
+SWARM = SwarmKey.open("bench-transport")
+SEND_CHUNK = 4 << 20  # bytes per send_all call: an application handing over large tensors
+RAW_READ = 1 << 18  # raw receiver's read size (the best of 64 KiB..1 MiB on this machine)
+
+Wrap = Callable[[trio.abc.Stream, bool], Awaitable[trio.abc.Stream]]
+
+
+def _wrapper(kind: str, frame_size: int) -> Wrap:
+    async def raw(stream: trio.abc.Stream, initiator: bool) -> trio.abc.Stream:
+        return stream
+
+    async def secure(stream: trio.abc.Stream, initiator: bool) -> trio.abc.Stream:
+        return await open_secure_channel(
+            stream, identity=Identity.generate(), swarm=SWARM, initiator=initiator, frame_size=frame_size
+        )
+
+    return raw if kind == "raw" else secure
+
+
+async def _sender(kind: str, frame_size: int, port: int, nbytes: int, cpu: Any) -> None:
+    stream = await _wrapper(kind, frame_size)(await trio.open_tcp_stream("127.0.0.1", port), True)
+    payload = memoryview(os.urandom(SEND_CHUNK))
+    sent = 0
+    c0 = time.process_time()
+    while sent < nbytes:
+        n = min(SEND_CHUNK, nbytes - sent)
+        await stream.send_all(payload[:n])
+        sent += n
+    cpu.value = time.process_time() - c0
+    await stream.receive_some(1)  # the receiver's acknowledgement
+    await stream.aclose()
+
+
+def _sender_process(kind: str, frame_size: int, port: int, nbytes: int, cpu: Any) -> None:
+    trio.run(_sender, kind, frame_size, port, nbytes, cpu)
+
+
+@dataclass
+class Run:
+    gbps: float  # receiver-side throughput, 1e9 bytes/s
+    send_cpu_ns: float  # sender CPU time per byte (user + system), ns
+    recv_cpu_ns: float  # receiver CPU time per byte, ns
+
+
+async def _receive_run(kind: str, frame_size: int, nbytes: int) -> Run:
+    """One transfer of `nbytes` from a separate sender process."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    send_cpu = ctx.Value("d", 0.0)
+    proc = ctx.Process(target=_sender_process, args=(kind, frame_size, port, nbytes, send_cpu))
+    proc.start()
+    try:
+        with trio.fail_after(120):
+            tcp = await listeners[0].accept()
+            stream = await _wrapper(kind, frame_size)(tcp, False)
+            read = RAW_READ if kind == "raw" else None  # None: one whole frame per call
+            got, t0 = 0, 0.0
+            while got < nbytes:
+                data = await stream.receive_some(read)
+                if not data:
+                    raise RuntimeError(f"sender closed after {got} of {nbytes} bytes")
+                if not got:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                got += len(data)
+            elapsed = time.perf_counter() - t0
+            recv_cpu = time.process_time() - c0
+            await stream.send_all(b"k")
+            await stream.aclose()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+        await trio.to_thread.run_sync(proc.join, 30)
+    return Run(nbytes / elapsed / 1e9, send_cpu.value / nbytes * 1e9, recv_cpu / nbytes * 1e9)
+
+
+def measure_raw(nbytes: int) -> Run:
+    """One transfer over a raw trio TCP stream (the baseline)."""
+    return trio.run(_receive_run, "raw", 0, nbytes)
+
+
+def measure_secure(nbytes: int, frame_size: int = DEFAULT_FRAME_PLAINTEXT) -> Run:
+    """One transfer over SecureStream on TCP (handshake excluded)."""
+    return trio.run(_receive_run, "secure", frame_size, nbytes)
+
+
+def _median(runs: list[Run]) -> Run:
+    return Run(*(statistics.median(getattr(r, f) for r in runs) for f in ("gbps", "send_cpu_ns", "recv_cpu_ns")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=1024, help="MiB per transfer (default 1024)")
+    parser.add_argument("--trials", type=int, default=3, help="transfers per figure; the median is kept")
+    parser.add_argument("--frame-sizes", default="", help="comma-separated extra frame sizes to compare")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    nbytes = args.mib << 20
+
+    sizes = [DEFAULT_FRAME_PLAINTEXT] + [int(x) for x in args.frame_sizes.split(",") if x and int(x) != DEFAULT_FRAME_PLAINTEXT]
+    raw_runs: list[Run] = []
+    secure_runs: dict[int, list[Run]] = {size: [] for size in sizes}
+    # Interleave the measurements so slow drifts of a shared machine hit all of them alike.
+    for _ in range(args.trials):
+        raw_runs.append(measure_raw(nbytes))
+        for size in sizes:
+            secure_runs[size].append(measure_secure(nbytes, size))
+    raw = _median(raw_runs)
+    secure = {size: _median(runs) for size, runs in secure_runs.items()}
+    default = secure[DEFAULT_FRAME_PLAINTEXT]
+
+    print(f"loopback TCP, {args.mib} MiB per transfer, median of {args.trials}; "
+          "sender and receiver in separate processes")
+    print(f"{'measurement':<34} {'GB/s':>7} {'vs raw':>7} {'send ns/B':>10} {'recv ns/B':>10}")
+    rows = [("raw trio TCP", raw)] + [
+        (f"secure, {size // 1024} KiB frames" + (" (default)" if size == DEFAULT_FRAME_PLAINTEXT else ""), secure[size])
+        for size in sorted(secure)
+    ]
+    for label, run in rows:
+        print(f"{label:<34} {run.gbps:>7.3f} {run.gbps / raw.gbps:>7.2f} {run.send_cpu_ns:>10.3f} {run.recv_cpu_ns:>10.3f}")
+    if args.json:
+        results = {
+            "raw_gbps": raw.gbps,
+            "secure_gbps": default.gbps,
+            "ratio": default.gbps / raw.gbps,
+            "raw_cpu_ns_per_byte": {"send": raw.send_cpu_ns, "recv": raw.recv_cpu_ns},
+            "secure_cpu_ns_per_byte": {"send": default.send_cpu_ns, "recv": default.recv_cpu_ns},
+            "secure_by_frame_size": {str(size): run.gbps for size, run in sorted(secure.items())},
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
