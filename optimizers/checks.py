@@ -1,0 +1,46 @@
+"""The one check every tensor from a peer passes before it touches our weights.
+
+DiLoCo and Streaming DiLoCo apply it to the averaged pseudo-gradients a `group_average` returns
+(they include peers' data); NoLoCo applies it to its partner's (φ, Δ). A tensor that fails costs
+that contribution, never the node: the caller drops it, counts it in `stats.rejected` and takes
+its fallback (NoLoCo: solo update; DiLoCo: skip the outer step and restore, like torchft).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def check_peer_tensors(
+    received: Sequence[np.ndarray],
+    own: Sequence[np.ndarray],
+    max_norm_ratio: float,
+    norm_eps: float,
+) -> str | None:
+    """Return None if `received` is acceptable, else a one-line reason to log.
+
+    Acceptable means: as many tensors as `own`; each float32 with `own`'s shape; every element
+    finite; and L2 norm ≤ `max_norm_ratio`·‖own‖ + `norm_eps`. The norm bound compares like with
+    like (a peer's Δ with our Δ, its φ with our φ): a partner whose progress is orders of
+    magnitude larger than ours diverged or is hostile. Norms are taken in float64 so large but
+    finite float32 values cannot overflow into a false pass.
+    """
+    if len(received) != len(own):
+        return f"expected {len(own)} tensors, got {len(received)}"
+    for i, (r, o) in enumerate(zip(received, own)):
+        if not isinstance(r, np.ndarray):
+            return f"tensor {i}: expected a numpy array, got {type(r).__name__}"
+        if r.dtype != np.float32:
+            return f"tensor {i}: dtype {r.dtype}, expected float32"
+        if r.shape != o.shape:
+            return f"tensor {i}: shape {r.shape}, expected {o.shape}"
+        if not np.isfinite(r).all():
+            return f"tensor {i}: contains NaN or inf"
+        r_norm = float(np.linalg.norm(r.astype(np.float64, copy=False).ravel()))
+        o_norm = float(np.linalg.norm(o.astype(np.float64, copy=False).ravel()))
+        bound = max_norm_ratio * o_norm + norm_eps
+        if not r_norm <= bound:
+            return f"tensor {i}: norm {r_norm:.4g} exceeds {max_norm_ratio:g} x own norm {o_norm:.4g} + {norm_eps:g}"
+    return None
