@@ -80,3 +80,301 @@ async def test_large_transfer_spans_frames() -> None:
         n.start_soon(reader)
         await a.send_all(data)
     assert bytes(got) == data
+
+
+# ---- handshake failures through open_secure_channel -----------------------------------------
+
+
+async def outcomes(
+    a: trio.abc.Stream, b: trio.abc.Stream, *, kw_a: dict | None = None, kw_b: dict | None = None
+) -> tuple[object, object]:
+    """Run both sides; return each side's SecureStream or the exception it raised."""
+    res: dict[int, object] = {}
+
+    async def side(k: int, s: trio.abc.Stream, ident: Identity, init: bool, kw: dict) -> None:
+        kw = {"swarm": SWARM, **kw}
+        try:
+            res[k] = await open_secure_channel(s, identity=ident, initiator=init, **kw)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            res[k] = exc
+
+    async with trio.open_nursery() as n:
+        n.start_soon(side, 0, a, IA, True, kw_a or {})
+        n.start_soon(side, 1, b, IB, False, kw_b or {})
+    return res[0], res[1]
+
+
+async def assert_closed(stream: trio.abc.Stream) -> None:
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"x")
+
+
+async def test_wrong_psk_both_sides_refuse_and_close() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    wrong = SwarmKey(swarm_id=SWARM.swarm_id, psk=b"\x01" * 32)
+    ra, rb = await outcomes(a, b, kw_b={"swarm": wrong})
+    assert isinstance(ra, AuthenticationError) and str(ra) == "peer refused the handshake: wrong swarm key (PSK mismatch)"
+    assert isinstance(rb, AuthenticationError) and str(rb) == "wrong swarm key (PSK mismatch)"
+    await assert_closed(a)
+    await assert_closed(b)
+
+
+async def test_other_swarm_refused() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    ra, rb = await outcomes(a, b, kw_b={"swarm": SwarmKey.open("elsewhere")})
+    assert isinstance(ra, AuthenticationError) and str(ra).startswith("swarm id mismatch")
+    # The initiator hung up without sending message 3: the responder sees a closed transport.
+    assert isinstance(rb, PeerUnreachable) and "closed the connection during the handshake" in str(rb)
+    await assert_closed(a)
+    await assert_closed(b)
+
+
+async def test_wrong_version_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gossip.handshake as hs
+
+    real = hs.make_hello
+
+    def newer_initiator(identity, static, swarm, addresses):  # type: ignore[no-untyped-def]
+        if identity is IA:
+            monkeypatch.setattr(hs, "PROTOCOL_VERSION", 2)
+            try:
+                return real(identity, static, swarm, addresses)
+            finally:
+                monkeypatch.setattr(hs, "PROTOCOL_VERSION", 1)
+        return real(identity, static, swarm, addresses)
+
+    monkeypatch.setattr(hs, "make_hello", newer_initiator)
+    ra, rb = await outcomes(*trio.testing.memory_stream_pair())
+    assert isinstance(rb, AuthenticationError) and str(rb) == "wrong protocol version: peer speaks 2, we speak 1"
+    assert isinstance(ra, AuthenticationError)
+    assert str(ra) == "peer refused the handshake: wrong protocol version: peer speaks 2, we speak 1"
+
+
+async def test_unexpected_peer_id_refused() -> None:
+    ra, rb = await outcomes(*trio.testing.memory_stream_pair(), kw_a={"expected_peer_id": IA.peer_id})
+    assert isinstance(ra, AuthenticationError) and str(ra).startswith("unexpected peer id")
+    assert isinstance(rb, PeerUnreachable)
+    ra, rb = await outcomes(*trio.testing.memory_stream_pair(), kw_a={"expected_peer_id": IB.peer_id})
+    assert isinstance(ra, SecureStream) and ra.peer.peer_id == IB.peer_id
+
+
+async def test_handshake_timeout_exact(autojump_clock: trio.testing.MockClock) -> None:
+    a, b = trio.testing.memory_stream_pair()  # nobody answers on b
+    start = trio.current_time()
+    with pytest.raises(PeerTimeout, match=r"handshake not finished within 5.0 s \(await message 2\)"):
+        await open_secure_channel(a, identity=IA, swarm=SWARM, initiator=True, timeout=5.0)
+    assert trio.current_time() - start == 5.0
+    await assert_closed(a)
+
+
+async def test_garbage_from_peer_is_a_protocol_error() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await b.send_all(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(RemoteProtocolError, match="handshake message of 18245 bytes"):
+        await open_secure_channel(a, identity=IA, swarm=SWARM, initiator=True)
+    await assert_closed(a)
+
+
+async def test_bad_arguments_close_the_stream() -> None:
+    a, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        await open_secure_channel(a, identity=IA, swarm=SWARM, initiator=True, timeout=0)
+    await assert_closed(a)
+    a, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(ValueError, match="frame_size must be"):
+        await open_secure_channel(a, identity=IA, swarm=SWARM, initiator=True, frame_size=0)
+    await assert_closed(a)
+
+
+# ---- attacks on frames in transit -----------------------------------------------------------
+
+
+class Tamper(trio.abc.Stream):
+    """Wraps a transport; once armed, `mangle` rewrites the list of outgoing writes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.armed = False
+        self.held: list[bytes] = []
+        self.mangle = lambda data, held: [data]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        for chunk in self.mangle(data, self.held) if self.armed else [data]:
+            await self.inner.send_all(chunk)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def tamper_pair() -> tuple[SecureStream, SecureStream, Tamper]:
+    raw_a, raw_b = trio.testing.memory_stream_pair()
+    tamper = Tamper(raw_a)
+    a, b = await secure_pair(tamper, raw_b)
+    tamper.armed = True
+    return a, b, tamper
+
+
+async def expect_reader_error(a: SecureStream, b: SecureStream, sends: list[bytes], good: list[bytes], match: str) -> None:
+    for data in sends:
+        await a.send_all(data)
+    for want in good:
+        assert await b.receive_some() == want
+    with pytest.raises(RemoteProtocolError, match=match):
+        await b.receive_some()
+    # The connection is torn down: later use says so, and the transport is closed.
+    with pytest.raises(trio.BrokenResourceError, match="connection torn down"):
+        await b.receive_some()
+    with pytest.raises(trio.BrokenResourceError, match="connection torn down"):
+        await b.send_all(b"reply")
+    await assert_closed(b.transport_stream)
+
+
+def flip(data: bytes, held: list[bytes]) -> list[bytes]:
+    return [data[:10] + bytes([data[10] ^ 0x80]) + data[11:]]
+
+
+async def test_tampered_frame_detected() -> None:
+    a, b, tamper = await tamper_pair()
+    tamper.mangle = flip
+    await expect_reader_error(a, b, [b"secret"], [], "frame 0 failed authentication")
+
+
+async def test_replayed_frame_detected() -> None:
+    a, b, tamper = await tamper_pair()
+    tamper.mangle = lambda data, held: [data, data]
+    await expect_reader_error(a, b, [b"pay once"], [b"pay once"], "frame 1 failed authentication")
+
+
+async def test_reordered_frames_detected() -> None:
+    a, b, tamper = await tamper_pair()
+
+    def swap(data: bytes, held: list[bytes]) -> list[bytes]:
+        if not held:
+            held.append(data)
+            return []
+        return [data, held.pop()]
+
+    tamper.mangle = swap
+    await expect_reader_error(a, b, [b"first", b"second"], [], "frame 0 failed authentication")
+
+
+async def test_dropped_frame_detected() -> None:
+    a, b, tamper = await tamper_pair()
+    tamper.mangle = lambda data, held: [] if not held and not held.append(data) else [data]
+    await expect_reader_error(a, b, [b"lost", b"next"], [], "frame 0 failed authentication")
+
+
+async def test_oversized_frame_refused_before_body() -> None:
+    a, b, tamper = await tamper_pair()
+    # Announce a 2 MiB frame and send nothing more: refused from the 4 length bytes alone.
+    tamper.mangle = lambda data, held: [(2 * 2**20 + TAG_LEN).to_bytes(HEADER_LEN, "big")]
+    await expect_reader_error(a, b, [b"x"], [], "exceeds the cap of 1048576")
+
+
+async def test_truncated_frame_at_close_detected() -> None:
+    a, b, tamper = await tamper_pair()
+    tamper.mangle = lambda data, held: [data[:-3]]
+    await a.send_all(b"almost")
+    await tamper.inner.aclose()
+    with pytest.raises(RemoteProtocolError, match="closed in the middle of a frame"):
+        await b.receive_some()
+
+
+async def test_clean_close_at_boundary_and_eof_frame() -> None:
+    a, b = await memory_pair()
+    await a.send_all(b"bye")
+    await a.aclose()
+    assert await b.receive_some() == b"bye"
+    assert await b.receive_some() == b""
+    assert await b.receive_some() == b""
+    a, b = await memory_pair()
+    await a.send_eof()
+    with pytest.raises(trio.ClosedResourceError, match="after send_eof"):
+        await a.send_all(b"late")
+    assert await b.receive_some() == b""
+    await b.send_all(b"still open this way")
+    assert await a.receive_some() == b"still open this way"
+
+
+async def test_partial_reads_of_a_frame() -> None:
+    a, b = await memory_pair()
+    await a.send_all(b"0123456789")
+    assert await b.receive_some(3) == b"012"
+    assert await b.receive_some(4) == b"3456"
+    assert await b.receive_some() == b"789"
+    await a.send_all(b"ab")
+    assert await b.receive_some(100) == b"ab"
+
+
+async def test_interrupted_send_breaks_the_send_side() -> None:
+    raw_a, raw_b = trio.testing.lockstep_stream_pair()  # send_all blocks until the peer reads
+    a, b = await secure_pair(raw_a, raw_b)
+    with trio.move_on_after(0.05):
+        await a.send_all(b"x" * 100)  # nobody reads: cancelled mid-frame
+    with pytest.raises(trio.BrokenResourceError, match="earlier send was interrupted"):
+        await a.send_all(b"y")
+
+
+# ---- real TCP (the recv_into and reused-send-buffer paths) ---------------------------------
+
+
+async def tcp_pair(frame_size: int = 2**18) -> tuple[SecureStream, SecureStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        res: dict[int, SecureStream] = {}
+
+        async def dial() -> None:
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            res[0] = await open_secure_channel(tcp, identity=IA, swarm=SWARM, initiator=True, frame_size=frame_size)
+
+        async def accept() -> None:
+            tcp = await listeners[0].accept()
+            res[1] = await open_secure_channel(tcp, identity=IB, swarm=SWARM, initiator=False)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(dial)
+            n.start_soon(accept)
+        return res[0], res[1]
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_check_half_closeable_stream_tcp() -> None:
+    await trio.testing.check_half_closeable_stream(tcp_pair, None)
+
+
+async def test_tcp_bulk_both_ways() -> None:
+    a, b = await tcp_pair(frame_size=100_000)
+    data = bytes(range(256)) * 12_000  # ~3 MB, frames of 100,000 bytes: not aligned to reads
+
+    async def pump(src: SecureStream, dst: SecureStream, payload: bytes) -> None:
+        got = bytearray()
+
+        async def reader() -> None:
+            while len(got) < len(payload):
+                chunk = await dst.receive_some()
+                assert chunk
+                got.extend(chunk)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            for i in range(0, len(payload), 1_000_003):
+                await src.send_all(payload[i : i + 1_000_003])
+        assert bytes(got) == payload
+
+    async with trio.open_nursery() as n:
+        n.start_soon(pump, a, b, data)
+        n.start_soon(pump, b, a, data[::-1])
+    await a.send_eof()
+    assert await b.receive_some() == b""
+    await a.aclose()
+    await b.aclose()
