@@ -222,13 +222,14 @@ class OuterOptimizer(ABC):
         self._pending.append(_Pending(fut, self._step, due_step, finish))
 
     def _finish(self, p: _Pending) -> None:
+        wait = self._timeout + _WAIT_GRACE
         try:
-            result, err = p.future.result(timeout=self._timeout + _WAIT_GRACE), None
-        except concurrent.futures.TimeoutError:
-            p.future.cancel()
-            result, err = None, TimeoutError(f"no result within {self._timeout + _WAIT_GRACE:.0f} s")
+            result, err = p.future.result(timeout=wait), None
         except Exception as e:  # PeerTimeout, PeerUnreachable, RemoteError, ...: a failed sync
             result, err = None, e
+            if not p.future.done():  # our own wait ran out, not the collective
+                p.future.cancel()
+                err = TimeoutError(f"no result within {wait:.0f} s")
         p.finish(result, err)
 
     def _flat(self, t: torch.Tensor) -> np.ndarray:
