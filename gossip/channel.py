@@ -85,9 +85,12 @@ class SecureStream(trio.abc.HalfCloseableStream):
         # returns, so one send buffer can be reused for every frame; and we can receive straight
         # into the frame decoder's buffer. Other transports might keep a reference to what they
         # are given (a simulated link queueing it), so they get a fresh buffer per frame.
+        # The send buffer grows to the largest frame actually sent, so a connection that only
+        # carries small messages stays small.
         is_tcp = type(transport_stream) is trio.SocketStream
         self._socket = transport_stream.socket if is_tcp else None
-        self._send_buf = bytearray(HEADER_LEN + frame_size + TAG_LEN) if is_tcp else None
+        self._reuse_send_buffer = is_tcp
+        self._send_buf: bytearray | None = None
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -116,6 +119,14 @@ class SecureStream(trio.abc.HalfCloseableStream):
             self._send_broken = True
             raise
 
+    def _send_buffer(self, plaintext_len: int) -> bytearray:
+        need = HEADER_LEN + plaintext_len + TAG_LEN
+        if self._send_buf is None or len(self._send_buf) < need:
+            # Round up to a power of two (at most one maximal frame) so growth happens rarely.
+            cap = HEADER_LEN + self._encoder.max_frame + TAG_LEN
+            self._send_buf = bytearray(min(cap, max(1 << 12, 1 << (need - 1).bit_length())))
+        return self._send_buf
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._enter_send()
         try:
@@ -129,8 +140,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 # Cancelled here costs nothing: no counter has been spent yet.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 step = self._encoder.max_frame
+                out = self._send_buffer(min(step, len(view))) if self._reuse_send_buffer else None
                 for start in range(0, len(view), step):
-                    await self._send_frame(self._encoder.encode(view[start : start + step], self._send_buf))
+                    await self._send_frame(self._encoder.encode(view[start : start + step], out))
         finally:
             self._sending = False
 
