@@ -296,9 +296,13 @@ class CheckpointStore:
         return sorted(found, reverse=True)
 
     def save(self, snapshot: Snapshot) -> Path:
+        return self.save_bytes(snapshot.step, snapshot.to_bytes())
+
+    def save_bytes(self, step: int, data: bytes) -> Path:
+        """Store serialized snapshot bytes (`Snapshot.to_bytes()`) as the checkpoint of `step`."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"ckpt-{snapshot.step:09d}.safetensors"
-        write_atomic(path, snapshot.to_bytes())
+        path = self.dir / f"ckpt-{step:09d}.safetensors"
+        write_atomic(path, data)
         for _, old in self.paths()[self.keep :]:
             old.unlink(missing_ok=True)
         return path

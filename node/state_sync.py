@@ -446,10 +446,10 @@ async def fetch_state(
     parallel: int = 4,
     max_rounds: int = 3,
 ) -> FetchResult | None:
-    """Fetch the most trained peer's snapshot; None if nobody has trained yet.
+    """Fetch the most trained peer's snapshot; None if nobody has trained (or published) yet.
 
-    `peers` are (peer id, address) pairs to ask. Raises StateSyncError when `max_rounds` rounds
-    of asking end without a verified snapshot.
+    `peers` are (peer id, address) pairs to ask. Raises StateSyncError when a download was
+    started but `max_rounds` rounds of asking end without a verified snapshot.
     """
     if parallel < 1 or max_rounds < 1:
         raise ValueError("parallel and max_rounds must be >= 1")
@@ -461,6 +461,8 @@ async def fetch_state(
         candidates = [(p, a) for p, a in peers if p not in excluded and p != transport.peer_id]
         offers = await _get_offers(transport, candidates, manifest_timeout)
         if not offers:
+            if first_adopt:
+                return None  # nobody has published state yet: a fresh swarm, nothing to fetch
             break
         held = store.held_hashes()
         manifest = choose_offer(offers, held)
