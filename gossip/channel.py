@@ -82,11 +82,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._pending = b""  # plaintext of a frame that did not fit in the last receive_some
         self._pending_at = 0
         # TCP fast paths. SocketStream.send_all has handed every byte to the kernel when it
-        # returns, so one send buffer can be reused for every frame; and we can receive straight
-        # into the frame decoder's buffer. Other transports might keep a reference to what they
-        # are given (a simulated link queueing it), so they get a fresh buffer per frame.
-        # The send buffer grows to the largest frame actually sent, so a connection that only
-        # carries small messages stays small.
+        # returns, so one send buffer (grown to the largest frame sent so far) serves every frame;
+        # and we receive straight into the frame decoder's buffer. Other transports might keep a
+        # reference to what they are given (a simulated link queueing it), so they get a fresh
+        # buffer per frame.
         is_tcp = type(transport_stream) is trio.SocketStream
         self._socket = transport_stream.socket if is_tcp else None
         self._reuse_send_buffer = is_tcp

@@ -338,3 +338,12 @@ def test_fuzz_mutated_stream(op: str, where: int, value: int, chunks: list[int],
             # A mutation that leaves a clean prefix ending at a frame boundary reads as CLOSED.
             if out[-1] == CLOSED:
                 assert op == "truncate"
+
+
+def test_encoder_without_encrypt_into_is_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cryptography releases before encrypt_into take the allocating path: same bytes on the wire.
+    import gossip.frames as frames
+
+    expected = bytes(FrameEncoder(KEY).encode(b"same bytes"))
+    monkeypatch.setattr(frames, "_HAS_INTO", False)
+    assert bytes(FrameEncoder(KEY).encode(b"same bytes", bytearray(100))) == expected
