@@ -14,7 +14,8 @@ The lazy form gives exactly the blocking algorithm's trajectory (the next gradie
 the synced weights) while letting W workers stepped round-robin by one thread make progress: each
 worker's sync resolves once all of them have taken the step that launched it.
 
-Waiting is bounded: `future.result(timeout + _WAIT_GRACE)`. A failed, empty or rejected sync is
+An outer optimizer belongs to the training thread: call its methods (and `opt.step()`) from that
+thread only. Waiting is bounded: `future.result(timeout + _WAIT_GRACE)`. A failed, empty or rejected sync is
 logged and counted in `stats`, the algorithm's fallback runs, and training continues.
 """
 
@@ -256,8 +257,9 @@ class OuterOptimizer(ABC):
             total += ring_allreduce_bytes(self._nbytes_cache[n], members)
         return total
 
-    def _log_outcome(self, what: str, outcome: str, detail: str) -> None:
-        log.warning("%s %s: %s (%s)", self.algorithm, what, outcome, detail)
+    def _log_outcome(self, what: str, outcome: str, detail: str, level: int = logging.WARNING) -> None:
+        # Failures and rejections are warnings; being alone or partial is routine in a swarm (info).
+        log.log(level, "%s %s: %s (%s)", self.algorithm, what, outcome, detail)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ Failures (each logged and counted in `stats`, training continues):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,7 @@ class NesterovOuter(OuterOptimizer):
         if err is not None or result is None or result.alone:
             why = f"{type(err).__name__}: {err}" if err is not None else "no peer joined"
             self.stats.syncs_missed += 1
-            self._log_outcome(what, "solo outer step", why)
+            self._log_outcome(what, "solo outer step", why, logging.WARNING if err is not None else logging.INFO)
             self._outer_step(idxs, grads)
             return
         reason = check_peer_tensors(result.tensors, own, self.config.max_norm_ratio, self.config.norm_eps)
@@ -109,6 +110,7 @@ class NesterovOuter(OuterOptimizer):
             self._log_outcome(
                 what, "partial average applied",
                 f"{len(result.contributors)}/{len(result.group)} members, min fraction {min(result.fractions, default=1.0):.3f}",
+                logging.INFO,
             )
         nbytes = self._group_bytes(self.codec, idxs, len(result.contributors))
         self.stats.bytes_sent += nbytes

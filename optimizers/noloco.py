@@ -22,6 +22,7 @@ Wire body (msgpack), buffers per `optimizers.payload`:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -125,7 +126,10 @@ class NoLoCo(OuterOptimizer):
         phi_mean, delta_mean = self._phi, deltas  # solo unless a partner checks out
         if err is not None or result is None:
             self.stats.syncs_missed += 1
-            self._log_outcome(what, "solo update", f"{type(err).__name__}: {err}" if err is not None else "no partner")
+            if err is not None:
+                self._log_outcome(what, "solo update", f"{type(err).__name__}: {err}")
+            else:
+                self._log_outcome(what, "solo update", "no partner", logging.INFO)
         else:
             try:
                 phi_j, delta_j = self._read_partner(rnd, result)

@@ -235,6 +235,25 @@ def test_bad_average_is_rejected_and_restores(bad) -> None:
     assert sd["outer_params.weight"].tolist() == [[1.0, 2.0]]
 
 
+def test_bf16_parameters_keep_their_dtype_and_a_float32_outer_copy() -> None:
+    # θ = bf16 [1, 2] and [0.5]; after 2 steps θ = init − 0.5 (exact in bf16); solo (alone) step:
+    # θ̃ = init − 0.375 in float32, written back as bf16 (exact here too).
+    model = torch.nn.Linear(2, 1).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        model.bias.fill_(0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.25)
+    with DiLoCo(model, opt, ScriptedComm(lambda ts: result(ts, alone=True)),
+                config(sync_every=2, outer_lr=0.5, outer_momentum=0.5)) as outer:
+        for _ in range(2):
+            opt.zero_grad()
+            sum(p.sum() for p in model.parameters()).backward()
+            opt.step()
+    assert model.weight.dtype == torch.bfloat16 and flat_params(model) == [0.625, 1.625, 0.125]
+    sd = outer.state_dict()
+    assert sd["outer_params.weight"].dtype == torch.float32 and sd["outer_params.weight"].tolist() == [[0.625, 1.625]]
+
+
 def test_own_divergence_sends_zeros_and_restores() -> None:
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
