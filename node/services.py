@@ -155,10 +155,11 @@ async def wait_for_peers(services: Services, bootstrap: Sequence[str], timeout: 
 
 def query_status(address: str, *, swarm: str, swarm_key: str | None, timeout: float) -> dict:
     """`murmur status`: ask the node at `address` for its status over the secure wire."""
-    from gossip.tcp import open_tcp_transport, parse_address
+    from node.config import check_address
 
-    parse_address(address)  # a malformed address is a ValueError before any socket opens
+    check_address(address, what="status")  # a malformed address fails before any socket opens
     key = swarm_key_from(swarm, swarm_key)
+    from gossip.tcp import open_tcp_transport
 
     async def ask() -> dict:
         async with open_tcp_transport(Identity.generate(), key, listen=["127.0.0.1:0"]) as transport:
