@@ -61,22 +61,29 @@ class OuterStats:
         return asdict(self)
 
 
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
 def check_common_config(cfg: Any) -> None:
     """ValueErrors for the fields every outer config has; each message says how to fix it."""
-    if not isinstance(cfg.sync_every, int) or cfg.sync_every < 1:
+    if not isinstance(cfg.sync_every, int) or isinstance(cfg.sync_every, bool) or cfg.sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1 (inner steps per outer step), got {cfg.sync_every!r}")
-    if not (math.isfinite(cfg.outer_lr) and cfg.outer_lr > 0):
+    if not (_num(cfg.outer_lr) and math.isfinite(cfg.outer_lr) and cfg.outer_lr > 0):
         raise ValueError(f"outer_lr must be a finite number > 0 (e.g. 0.7), got {cfg.outer_lr!r}")
-    if not (math.isfinite(cfg.outer_momentum) and 0 <= cfg.outer_momentum < 1):
+    if not (_num(cfg.outer_momentum) and 0 <= cfg.outer_momentum < 1):
         raise ValueError(f"outer_momentum must be in [0, 1) (e.g. 0.9), got {cfg.outer_momentum!r}")
-    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
+    if not (_num(cfg.timeout) and math.isfinite(cfg.timeout) and cfg.timeout > 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {cfg.timeout!r}")
-    if not (math.isfinite(cfg.max_norm_ratio) and cfg.max_norm_ratio >= 1):
-        raise ValueError(f"max_norm_ratio must be finite and >= 1 (e.g. 10), got {cfg.max_norm_ratio!r}")
-    if not (math.isfinite(cfg.norm_eps) and cfg.norm_eps >= 0):
+    if not (_num(cfg.max_norm_ratio) and cfg.max_norm_ratio >= 1):
+        raise ValueError(f"max_norm_ratio must be >= 1 (e.g. 10; math.inf turns the norm check off), got {cfg.max_norm_ratio!r}")
+    if not (_num(cfg.norm_eps) and math.isfinite(cfg.norm_eps) and cfg.norm_eps >= 0):
         raise ValueError(f"norm_eps must be finite and >= 0, got {cfg.norm_eps!r}")
     if not isinstance(cfg.codec, str) or not cfg.codec:
         raise ValueError(f"codec must be a codec name such as 'fp32', 'bf16' or 'e3m0', got {cfg.codec!r}")
+    weight = getattr(cfg, "weight", 1.0)
+    if not (_num(weight) and math.isfinite(weight) and weight > 0):
+        raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
 
 
 def resolve_codec(name: str) -> "Codec":
@@ -159,7 +166,9 @@ class OuterOptimizer(ABC):
         try:
             if finish:
                 self.finish_pending()
-            else:
+            elif self._pending:
+                self.stats.syncs_missed += len(self._pending)
+                log.warning("%s detached with %d sync(s) in flight: dropped", self.algorithm, len(self._pending))
                 self._pending.clear()
         finally:
             for h in self._handles:

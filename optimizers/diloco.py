@@ -20,7 +20,6 @@ Failures (each logged and counted in `stats`, training continues):
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +50,6 @@ class DiLoCoConfig:
 
     def __post_init__(self) -> None:
         check_common_config(self)
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(f"weight must be a finite number > 0, got {self.weight!r}")
 
 
 class NesterovOuter(OuterOptimizer):

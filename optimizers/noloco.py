@@ -58,7 +58,9 @@ class NoLoCoConfig:
 
     def __post_init__(self) -> None:
         check_common_config(self)
-        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma >= 0):
+        if self.gamma is not None and not (
+            isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma >= 0
+        ):
             raise ValueError(f"gamma must be None (use outer_lr) or a finite number >= 0, got {self.gamma!r}")
 
     @property

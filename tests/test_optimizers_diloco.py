@@ -294,6 +294,19 @@ def test_detach_really_removes_the_hooks() -> None:
     assert outer.step == 2 and len(comm.calls) == 2
 
 
+def test_exception_in_the_loop_drops_syncs_in_flight() -> None:
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    comm = ScriptedComm(lambda ts: result([t * 0.5 for t in ts]))
+    before = flat_params(model)
+    with pytest.raises(KeyError):
+        with DiLoCo(model, opt, comm, config(sync_every=1)) as outer:
+            opt.step()  # launches a sync (no grads: the inner step changes nothing)
+            raise KeyError("crash in the training loop")
+    assert not outer.attached and outer.stats.syncs_missed == 1 and outer.stats.syncs_done == 0
+    assert flat_params(model) == before and len(comm.calls) == 1
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [
@@ -303,6 +316,7 @@ def test_detach_really_removes_the_hooks() -> None:
         ({"timeout": 0.0}, "timeout must be"),
         ({"max_norm_ratio": 0.5}, "max_norm_ratio must be"),
         ({"weight": float("nan")}, "weight must be"),
+        ({"outer_lr": "0.7"}, "outer_lr must be"),
         ({"codec": "zip"}, "unknown codec"),
     ],
 )

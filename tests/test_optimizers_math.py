@@ -140,6 +140,13 @@ def test_check_accepts_good_tensors_at_the_bound() -> None:
     assert check_peer_tensors(good, own(), max_norm_ratio=2.0, norm_eps=0.0) is None
 
 
+def test_infinite_ratio_turns_the_norm_check_off() -> None:
+    huge = [np.array([3e38, 3e38], np.float32), np.array([1e30], np.float32)]
+    assert check_peer_tensors(huge, own(), max_norm_ratio=float("inf"), norm_eps=0.0) is None
+    nan = [np.array([3.0, np.nan], np.float32), np.array([1.0], np.float32)]
+    assert check_peer_tensors(nan, own(), max_norm_ratio=float("inf"), norm_eps=0.0) == "tensor 0: contains NaN or inf"
+
+
 @pytest.mark.parametrize(
     "received, reason",
     [
