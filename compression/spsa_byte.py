@@ -1,0 +1,92 @@
+"""One signed log-byte per scalar: the SPSA projected-gradient codec (ALGORITHMS.md §4).
+
+"Just One Byte" (Zelikman et al., arXiv 2306.10015) quantises q = clamp(round(16 ln|g|), -127,
+127) but then needs a sign bit too (9 bits) and its reference code sends the float anyway.
+This is the PROPOSED true one-byte form of §4:
+
+    c = sign(g) * clamp(round(16 * ln|g|) + 64, 1, 127),   c = 0 when g = 0
+    g_hat = sign(c) * exp((|c| - 64) / 16)
+
+|g| in [e**-3.94, e**3.94] = [0.0195, 51.4] is kept within a relative error of e**(1/32) - 1
+(3.2 %); smaller magnitudes round up to 0.0195 and larger ones clip to 51.4.
+
+Wire format:
+
+    header  {"codec": "spsa_byte", "shape": [d0, ...]}
+    buffers [codes]   numel int8 (two's complement) codes c, row-major; -128 is invalid
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from compression.base import DEFAULT_MAX_NUMEL, Codec, CodecError, Header
+from compression.checks import WireArray, byte_views, check_keys, check_length, check_shape
+from compression.layout import CHUNK, alloc, as_flat_input, check_finite_input, chunks, load_f32, minmax, wire_view
+
+
+def _decode_table() -> torch.Tensor:
+    """Unsigned byte u (= c mod 256) -> g_hat, as 256 float32 (computed in float64, rounded once)."""
+    table = []
+    for u in range(256):
+        c = u - 256 if u >= 128 else u
+        table.append(0.0 if c == 0 else math.copysign(math.exp((abs(c) - 64) / 16), c))
+    return torch.tensor(table, dtype=torch.float64).to(torch.float32)
+
+
+class SpsaByteCodec(Codec):
+    """8 bits per value, no scale: for (seed, projected gradient) records, not for tensors."""
+
+    name = "spsa_byte"
+    lossless = False
+    _table = _decode_table()
+
+    def __init__(self, *, max_numel: int = DEFAULT_MAX_NUMEL) -> None:
+        super().__init__(max_numel=max_numel)
+        self.bits_per_value = 8.0
+
+    def encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
+        flat, shape = as_flat_input(x)
+        n = flat.numel()
+        codes = alloc(n, torch.int8)
+        step = min(n, CHUNK)
+        convert = torch.empty(step) if flat.dtype != torch.float32 else None
+        a, sign = torch.empty(step), torch.empty(step)
+        for s, e in chunks(n, CHUNK):
+            g = load_f32(flat, s, e, convert)
+            check_finite_input(*minmax(g), self.name)
+            ac, sc = a[: e - s], sign[: e - s]
+            torch.abs(g, out=ac)
+            torch.log(ac, out=ac)
+            ac.mul_(16.0).add_(64.0).round_().clamp_(1.0, 127.0)  # round(16 ln|g|) + 64, in 1..127
+            torch.sign(g, out=sc)  # 0 for g = 0 gives c = 0
+            ac.mul_(sc)
+            codes[s:e].copy_(ac)
+        return {"codec": self.name, "shape": list(shape)}, [wire_view(codes)]
+
+    def decode(
+        self,
+        header: Header,
+        buffers: Sequence[Any],
+        expected_shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        check_keys(header, self.name, ())
+        shape, n = check_shape(header, self.name, expected_shape, self.max_numel)
+        (view,) = byte_views(buffers, self.name, 1)
+        check_length(view, n, self.name, "codes")
+        wire = WireArray(view, torch.int8)
+        out = alloc(n, torch.float32)
+        scratch = torch.empty(min(n, CHUNK), dtype=torch.uint8)
+        idx = torch.empty(min(n, CHUNK), dtype=torch.int32)
+        for s, e in chunks(n, CHUNK):
+            codes = wire.read(s, e, scratch)
+            if int(codes.numpy().min()) == -128:
+                raise CodecError(f"{self.name}: code -128 is not a valid one-byte code")
+            ic = idx[: e - s]
+            ic.copy_(codes.view(torch.uint8))
+            torch.index_select(self._table, 0, ic, out=out[s:e])
+        return out.view(shape)
