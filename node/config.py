@@ -29,6 +29,7 @@ class NodeConfig:
     swarm: str = "murmur"  # open swarm name; its key is derived from the name (ignored with swarm_key)
     swarm_key: str | None = None  # file from `murmur swarm-key`: a private swarm, only holders can join
     identity: str | None = None  # key file from `murmur keygen`; default <checkpoint_dir>/identity.key
+    join_timeout: float = 20.0  # seconds to reach a first peer through the bootstrap addresses
     # -- algorithm --
     algorithm: str = "noloco"  # noloco | diloco | streaming-diloco
     sync_every: int = 50  # H: inner steps between outer syncs
@@ -124,7 +125,7 @@ def _check(cfg: NodeConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-    for name in ("lr", "sync_timeout", "log_every"):
+    for name in ("lr", "sync_timeout", "log_every", "join_timeout"):
         _positive(cfg, name)
     for name in ("outer_lr", "duration"):
         _positive(cfg, name, allow_none=True)

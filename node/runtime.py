@@ -40,8 +40,6 @@ from node.state_sync import ChunkStore, StateSyncError, fetch_state, make_manife
 
 log = logging.getLogger("murmur.node")
 
-BOOTSTRAP_TIMEOUT = 20.0  # seconds to find a first peer through the bootstrap addresses
-
 
 def load_or_create_identity(cfg: NodeConfig) -> Identity:
     """`--identity FILE` must exist; the default key in the checkpoint folder is made once."""
@@ -178,7 +176,7 @@ class Node:
                 with trio.CancelScope() as setup:
                     nursery.start_soon(self._cancel_on_stop, setup)
                     if cfg.bootstrap:
-                        n = await wait_for_peers(services, cfg.bootstrap, BOOTSTRAP_TIMEOUT)
+                        n = await wait_for_peers(services, cfg.bootstrap, cfg.join_timeout)
                         self.progress.log(f"murmur: joined the swarm ({n} peer{'s' if n != 1 else ''} known)")
                     await self._build_trainer(services, nursery, snap)
                 if self.trainer is not None and not self._stop.is_set():
