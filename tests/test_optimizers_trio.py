@@ -20,8 +20,11 @@ ROUNDS, H = 2, 2
 
 
 def train(comm, rank: int, algorithm: str, **options) -> tuple[list[float], object]:
-    torch.manual_seed(0)  # same initial weights on every node
     model = torch.nn.Linear(3, 2)
+    gen = torch.Generator().manual_seed(0)  # same initial weights on every node (no global RNG:
+    with torch.no_grad():                   # the nodes' threads run at once)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(rank))
     with make_outer(algorithm, model, opt, comm, sync_every=H, timeout=10.0, **options) as outer:
