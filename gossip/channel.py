@@ -207,16 +207,18 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 await self._tear_down(exc)
                 raise
             if item is NEED_DATA:
-                want = min(decoder.room(), max(decoder.wanted(), _READ_SIZE))
                 if self._socket is not None:
-                    n = await _recv_into(self._socket, decoder.get_buffer(want))
+                    # Read to the end of the current frame, or a little beyond for small frames:
+                    # at most _READ_SIZE of the next frame has to be slid to the buffer's front.
+                    want = max(decoder.wanted(), _READ_SIZE)
+                    n = await _recv_into(self._socket, decoder.get_buffer(decoder.wanted())[:want])
                     waited = True
                     if n:
                         decoder.buffer_updated(n)
                     else:
                         decoder.receive_data(b"")
                     continue
-                data = await self.transport_stream.receive_some(want)
+                data = await self.transport_stream.receive_some(min(decoder.room(), max(decoder.wanted(), _READ_SIZE)))
                 waited = True
                 decoder.receive_data(data)
                 continue

@@ -148,10 +148,11 @@ class FrameDecoder:
         return max(1, HEADER_LEN + self._body_len - self.buffered)
 
     def get_buffer(self, size: int) -> memoryview:
-        """A writable view of up to `size` bytes (at most room()) to receive into directly.
+        """A writable view to receive into directly: at least min(size, room()) bytes.
 
-        Call `buffer_updated(n)` after writing n bytes at its start. This is the zero-copy twin of
-        `receive_data` for transports that can `recv_into`.
+        The view may be longer (all the free space at the end of the buffer, never more than
+        room()). Call `buffer_updated(n)` after writing n bytes at its start. This is the
+        zero-copy twin of `receive_data` for transports that can `recv_into`.
         """
         if self._transport_closed:
             raise LocalProtocolError("get_buffer() after end of file")
@@ -167,7 +168,7 @@ class FrameDecoder:
                 # Slide the undecoded tail (less than one frame) to the front to make room.
                 self._buf[:tail] = self._view[self._start : self._end]
             self._start, self._end = 0, tail
-        return self._view[self._end : self._end + size]
+        return self._view[self._end :]
 
     @property
     def allocated(self) -> int:
@@ -192,7 +193,7 @@ class FrameDecoder:
                 f"receive_data() of {n} bytes exceeds room() = {self.room()}: "
                 "drain with next_frame() and read at most room() bytes"
             )
-        self.get_buffer(n)[:] = data
+        self.get_buffer(n)[:n] = data
         self._end += n
 
     def _fail(self, message: str) -> RemoteProtocolError:
