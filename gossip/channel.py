@@ -207,26 +207,29 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 await self._tear_down(exc)
                 raise
             if item is NEED_DATA:
-                if self._socket is not None:
-                    # Read to the end of the current frame, or a little beyond for small frames:
-                    # at most _READ_SIZE of the next frame has to be slid to the buffer's front.
-                    want = max(decoder.wanted(), _READ_SIZE)
-                    n = await _recv_into(self._socket, decoder.get_buffer(decoder.wanted())[:want])
-                    waited = True
-                    if n:
-                        decoder.buffer_updated(n)
-                    else:
-                        decoder.receive_data(b"")
-                    continue
-                data = await self.transport_stream.receive_some(min(decoder.room(), max(decoder.wanted(), _READ_SIZE)))
+                await self._read_more()
                 waited = True
-                decoder.receive_data(data)
                 continue
             if not waited:
                 await trio.lowlevel.checkpoint()
             if item is END_OF_STREAM or item is CLOSED:
                 return b""
             return self._take(item, max_bytes)  # type: ignore[arg-type]
+
+    async def _read_more(self) -> None:
+        decoder = self._decoder
+        wanted = decoder.wanted()
+        # Read to the end of the current frame, or up to _READ_SIZE when frames are small: at most
+        # _READ_SIZE bytes of a following frame ever have to be slid to the buffer's front.
+        want = min(decoder.room(), max(wanted, _READ_SIZE))
+        if self._socket is not None:
+            n = await _recv_into(self._socket, decoder.get_buffer(wanted)[:want])
+            if n:
+                decoder.buffer_updated(n)
+            else:
+                decoder.receive_data(b"")  # end of file
+        else:
+            decoder.receive_data(await self.transport_stream.receive_some(want))
 
     async def _tear_down(self, exc: RemoteProtocolError) -> None:
         self._torn_down = exc
