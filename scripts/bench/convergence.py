@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Convergence benchmark: eval loss and bytes sent, DDP vs DiLoCo vs streaming DiLoCo vs NoLoCo.
+
+W workers train the built-in byte-level LM (node/lm_task.py) in one process, each method from the
+same initial weights on the same tokens: worker r reads batch k of `Batcher(rank=r, seed)` at its
+k-th step under every method, with the same inner AdamW and the same warmup-cosine schedule.
+
+- ddp:              node.ddp.DataParallel, gradients averaged every step. Bytes: a ring
+                    all-reduce of fp32 gradients, 2(W-1)/W * P * 4 per worker per step.
+- diloco, streaming-diloco, noloco: W model replicas, each wrapped by
+                    `optimizers.factory.make_outer(...)` on `optimizers.comm.LocalGroup(W)` (the
+                    in-process collectives, no network simulation). Bytes: what LocalGroup
+                    counts per rank: ring all-reduce of the codec's buffers for group_average,
+                    the msgpack body plus buffers for pair_exchange.
+
+Eval loss is bits per byte on fixed held-out windows. For the methods whose replicas differ
+(streaming DiLoCo between fragment syncs, NoLoCo always), the figure is the mean over workers of
+each worker's own model: what a node of the swarm would actually hold.
+
+    .venv/bin/python scripts/bench/convergence.py --quick --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from node.ddp import DataParallel  # noqa: E402
+from node.lm_task import (  # noqa: E402
+    Batcher,
+    LMConfig,
+    build_model,
+    count_params,
+    evaluate_bpb,
+    load_corpus,
+    train_step,
+    warmup_cosine,
+)
+
+METHODS = ("ddp", "diloco", "streaming-diloco", "noloco")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. `--quick` and the full run differ only in these numbers."""
+
+    workers: int = 8  # W simulated workers
+    steps: int = 512  # inner steps per worker (DDP: synchronous steps); equal tokens for all
+    batch: int = 8  # sequences per worker per step
+    context: int = 128  # bytes per sequence
+    d_model: int = 128  # model width (LMConfig)
+    n_layer: int = 6  # transformer blocks (LMConfig)
+    n_head: int = 4  # attention heads (LMConfig)
+    lr: float = 2e-3  # peak inner AdamW lr, the same for every method
+    warmup: int = 20  # inner lr warmup steps, then cosine to 10% at `steps`
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not norms/biases)
+    clip: float = 1.0  # global grad-norm clip of every inner step
+    sync_every: int = 64  # H for DiLoCo, streaming DiLoCo (per fragment) and NoLoCo
+    diloco_codec: str = "bf16"  # pseudo-gradient payload of DiLoCo
+    diloco_outer_lr: float = 0.7  # DiLoCo outer Nesterov lr (paper: 0.7)
+    diloco_outer_momentum: float = 0.9  # DiLoCo outer Nesterov momentum (paper: 0.9)
+    streaming_fragments: int = 4  # fragments of streaming DiLoCo (embeddings + 3 x 2 blocks)
+    streaming_codec: str = "e3m0"  # 4-bit payload of streaming DiLoCo
+    streaming_delay: int = 1  # tau: inner steps a fragment sync overlaps
+    streaming_merge_alpha: float = 0.5  # alpha of the merge after an overlapped sync
+    noloco_codec: str = "bf16"  # (phi, delta) payload of NoLoCo
+    noloco_outer_lr: float = 0.7  # NoLoCo alpha (authors' configs: 0.7)
+    noloco_outer_momentum: float = 0.5  # NoLoCo beta (authors' noloco_mean configs: 0.5)
+    eval_every: int = 64  # inner steps between eval points of the curves
+    eval_seqs: int = 64  # eval windows (of `context` bytes) per model evaluation
+    pretrain_steps: int = 0  # DDP steps to a shared checkpoint every method starts from (DiLoCo
+    #                          paper protocol); its tokens and bytes are not counted for anyone
+    seed: int = 0  # model init, batches and eval positions all derive from it
+    threads: int = 1  # torch intra-op threads; 1 is fastest on a shared 2-core machine (0: torch's default)
+
+    def lm(self) -> LMConfig:
+        return LMConfig(context=self.context, d_model=self.d_model, n_layer=self.n_layer, n_head=self.n_head)
+
+
+QUICK = BenchConfig(steps=256, context=64, d_model=96, n_layer=4, eval_every=64, eval_seqs=48)
+
+
+@dataclass
+class Run:
+    """What one method produced."""
+
+    method: str
+    eval_bpb: float = math.nan  # final eval loss, mean over workers of each worker's model
+    eval_bpb_worker_avg: float = math.nan  # final eval loss of the average of the workers' weights
+    bytes_per_worker: float = 0.0  # mean over workers of bytes each sent
+    tokens: int = 0  # tokens trained on, summed over workers
+    seconds: float = 0.0  # wall time of training + eval
+    curve: list[dict] = field(default_factory=list)  # {"step", "tokens", "bytes_per_worker", "eval_bpb"}
+    outer_stats: dict = field(default_factory=dict)  # summed OuterStats over workers
+
+
+def make_inner(
+    model: torch.nn.Module, cfg: BenchConfig, offset: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (betas 0.9/0.95, as DiLoCo and torchft) with decay on matrices only, and the schedule.
+
+    The warmup-cosine schedule spans pretrain_steps + steps; its step 0 is step `offset` of it
+    (the pretraining starts at 0, a branch from the shared checkpoint at pretrain_steps).
+    """
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    total = cfg.pretrain_steps + cfg.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(offset + s, cfg.warmup, total))
+    return opt, sched
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where every method starts: fresh weights, or the shared checkpoint after pretrain_steps."""
+
+    model_state: dict  # parameters (a copy)
+    opt_state: dict | None  # the pretraining AdamW state, or None when starting from scratch
+    bpb: float  # its eval loss, the first point of every curve
+
+
+def start_point(cfg: BenchConfig, corpus, progress) -> StartPoint:
+    """Build the initial weights; with pretrain_steps > 0, train them with DDP first.
+
+    The pretraining reads batches [0, pretrain_steps) of each worker's stream; every method then
+    reads batches from pretrain_steps on, so no method sees the pretraining data twice.
+    """
+    lm = cfg.lm()
+    model = build_model(lm, cfg.seed)
+    opt_state = None
+    if cfg.pretrain_steps > 0:
+        opt, sched = make_inner(model, cfg, offset=0)
+        streams = [Batcher(corpus, cfg.batch, cfg.context, r, cfg.seed) for r in range(cfg.workers)]
+        ddp = DataParallel(model, opt, streams, clip=cfg.clip, scheduler=sched)
+        t0 = time.perf_counter()
+        for _ in range(cfg.pretrain_steps):
+            ddp.step()
+        opt_state = copy.deepcopy(opt.state_dict())
+        progress("pretrain (DDP)", cfg.pretrain_steps, evaluate_bpb(model, corpus, lm, cfg.eval_seqs, seed=cfg.seed),
+                 time.perf_counter() - t0)
+    bpb = evaluate_bpb(model, corpus, lm, cfg.eval_seqs, seed=cfg.seed)
+    return StartPoint({k: v.detach().clone() for k, v in model.state_dict().items()}, opt_state, bpb)
+
+
+def make_worker(cfg: BenchConfig, start: StartPoint) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    model = build_model(cfg.lm(), cfg.seed)
+    model.load_state_dict(start.model_state)
+    opt, sched = make_inner(model, cfg, offset=cfg.pretrain_steps)
+    if start.opt_state is not None:
+        # Loaded after the scheduler is built: the saved lr is the schedule's value at
+        # pretrain_steps, which is the lr of the first step after the branch.
+        opt.load_state_dict(copy.deepcopy(start.opt_state))
+    return model, opt, sched
+
+
+def outer_options(method: str, cfg: BenchConfig, model: torch.nn.Module) -> dict:
+    if method == "diloco":
+        return dict(sync_every=cfg.sync_every, codec=cfg.diloco_codec, outer_lr=cfg.diloco_outer_lr,
+                    outer_momentum=cfg.diloco_outer_momentum)
+    if method == "streaming-diloco":
+        return dict(sync_every=cfg.sync_every, fragments=cfg.streaming_fragments, codec=cfg.streaming_codec,
+                    delay=cfg.streaming_delay, merge_alpha=cfg.streaming_merge_alpha,
+                    outer_lr=cfg.diloco_outer_lr, outer_momentum=cfg.diloco_outer_momentum,
+                    blocks=list(model.blocks))
+    if method == "noloco":
+        return dict(sync_every=cfg.sync_every, codec=cfg.noloco_codec, outer_lr=cfg.noloco_outer_lr,
+                    outer_momentum=cfg.noloco_outer_momentum)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def averaged_model(models: list[torch.nn.Module], lm: LMConfig) -> torch.nn.Module:
+    avg = build_model(lm, 0)  # a fresh module: the workers' carry the outer optimizers' hooks
+    with torch.no_grad():
+        for name, p in avg.named_parameters():
+            p.copy_(torch.stack([dict(m.named_parameters())[name].detach() for m in models]).mean(dim=0))
+    return avg
+
+
+def batchers(cfg: BenchConfig, corpus) -> list[Batcher]:
+    return [Batcher(corpus, cfg.batch, cfg.context, r, cfg.seed, start=cfg.pretrain_steps) for r in range(cfg.workers)]
+
+
+def run_ddp(cfg: BenchConfig, corpus, start: StartPoint, progress) -> Run:
+    lm = cfg.lm()
+    model, opt, sched = make_worker(cfg, start)
+    ddp = DataParallel(model, opt, batchers(cfg, corpus), clip=cfg.clip, scheduler=sched)
+    run = Run("ddp")
+    run.curve.append({"step": 0, "tokens": 0, "bytes_per_worker": 0.0, "eval_bpb": start.bpb})
+    t0 = time.perf_counter()
+    for t in range(1, cfg.steps + 1):
+        ddp.step()
+        if t % cfg.eval_every == 0 or t == cfg.steps:
+            bpb = evaluate_bpb(model, corpus, lm, cfg.eval_seqs, seed=cfg.seed)
+            run.curve.append({"step": t, "tokens": ddp.tokens, "bytes_per_worker": ddp.bytes_per_worker, "eval_bpb": bpb})
+            progress("ddp", t, bpb, time.perf_counter() - t0)
+    run.eval_bpb = run.eval_bpb_worker_avg = run.curve[-1]["eval_bpb"]
+    run.bytes_per_worker, run.tokens = ddp.bytes_per_worker, ddp.tokens
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def run_outer(method: str, cfg: BenchConfig, corpus, start: StartPoint, progress) -> Run:
+    from optimizers.comm import LocalGroup
+    from optimizers.factory import make_outer
+
+    lm = cfg.lm()
+    group = LocalGroup(cfg.workers, seed=cfg.seed)
+    models, inners, outers = [], [], []
+    for r in range(cfg.workers):
+        m, opt, sched = make_worker(cfg, start)
+        outer = make_outer(method, m, opt, group.comm(r), **outer_options(method, cfg, m)).attach()
+        models.append(m)
+        inners.append((opt, sched))
+        outers.append(outer)
+    streams = batchers(cfg, corpus)
+    run = Run(method)
+    run.curve.append({"step": 0, "tokens": 0, "bytes_per_worker": 0.0, "eval_bpb": start.bpb})
+    t0 = time.perf_counter()
+    tokens = 0
+
+    def evaluate(final: bool) -> tuple[float, list[float]]:
+        # Mid-run, a sync that lands before the next forward (DiLoCo, NoLoCo) is applied by the
+        # eval forward itself, and a streaming sync still overlapping (tau) stays in flight: we
+        # score what each node holds at that moment. At the end every sync in flight lands.
+        if final:
+            for o in outers:
+                o.finish_pending()
+        per = [evaluate_bpb(m, corpus, lm, cfg.eval_seqs, seed=cfg.seed) for m in models]
+        return sum(per) / len(per), per
+
+    try:
+        for t in range(1, cfg.steps + 1):
+            # Round-robin: every worker takes its step t before anyone takes t+1, so a collective
+            # launched at step t has all W submissions before any worker needs its result.
+            for m, (opt, sched), b in zip(models, inners, streams):
+                x, y = b.next()
+                train_step(m, opt, x, y, clip=cfg.clip)
+                sched.step()
+                tokens += x.numel()
+            if t % cfg.eval_every == 0 or t == cfg.steps:
+                bpb, _ = evaluate(final=t == cfg.steps)
+                bytes_pw = sum(group.bytes_sent) / cfg.workers
+                run.curve.append({"step": t, "tokens": tokens, "bytes_per_worker": bytes_pw, "eval_bpb": bpb})
+                progress(method, t, bpb, time.perf_counter() - t0)
+        run.eval_bpb = run.curve[-1]["eval_bpb"]
+        run.eval_bpb_worker_avg = evaluate_bpb(averaged_model(models, lm), corpus, lm, cfg.eval_seqs, seed=cfg.seed)
+    finally:
+        for o in outers:
+            o.detach(finish=False)
+    run.bytes_per_worker = sum(group.bytes_sent) / cfg.workers
+    run.tokens = tokens
+    run.seconds = time.perf_counter() - t0
+    for o in outers:
+        for k, v in o.stats.as_dict().items():
+            if k != "last_sync_step":
+                run.outer_stats[k] = run.outer_stats.get(k, 0) + v
+    return run
+
+
+def summarize(runs: dict[str, Run]) -> dict[str, dict]:
+    ddp = runs.get("ddp")
+    out = {}
+    for name, r in runs.items():
+        entry = {
+            "eval_bpb": round(r.eval_bpb, 5),
+            "eval_bpb_worker_avg": round(r.eval_bpb_worker_avg, 5),
+            "bytes_per_worker": r.bytes_per_worker,
+            "tokens": r.tokens,
+            "seconds": round(r.seconds, 1),
+            "loss_ratio_vs_ddp": None,
+            "bytes_ratio_vs_ddp": None,
+            "curve": r.curve,
+        }
+        if r.outer_stats:
+            entry["outer_stats"] = r.outer_stats
+        if ddp is not None:
+            entry["loss_ratio_vs_ddp"] = round(r.eval_bpb / ddp.eval_bpb, 5)
+            entry["bytes_ratio_vs_ddp"] = (
+                round(ddp.bytes_per_worker / r.bytes_per_worker, 2) if r.bytes_per_worker > 0 else math.inf
+            )
+        out[name] = entry
+    return out
+
+
+TARGETS = {"diloco": 100.0, "streaming-diloco": 400.0, "noloco": 100.0}  # min bytes ratio vs DDP
+LOSS_TARGET = 1.03  # every method's eval bpb within 3% of DDP's
+
+
+def table(summary: dict[str, dict]) -> str:
+    lines = [
+        f"{'method':<18}{'eval bpb':>10}{'avg-model':>11}{'loss/DDP':>10}{'MB/worker':>12}{'DDP/bytes':>11}"
+        f"{'secs':>8}  targets"
+    ]
+    for name, e in summary.items():
+        ratio = e["loss_ratio_vs_ddp"]
+        bratio = e["bytes_ratio_vs_ddp"]
+        verdict = ""
+        if name != "ddp" and ratio is not None:
+            ok_loss = ratio <= LOSS_TARGET
+            ok_bytes = bratio >= TARGETS[name]
+            verdict = f"loss {'ok' if ok_loss else 'MISS'}, bytes>={TARGETS[name]:.0f}x {'ok' if ok_bytes else 'MISS'}"
+        lines.append(
+            f"{name:<18}{e['eval_bpb']:>10.4f}{e['eval_bpb_worker_avg']:>11.4f}"
+            f"{(f'{ratio:.4f}' if ratio is not None else '-'):>10}{e['bytes_per_worker'] / 1e6:>12.3f}"
+            f"{(f'{bratio:.1f}x' if bratio is not None else '-'):>11}{e['seconds']:>8.0f}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipping the plot {path} (pip install 'murmur[plot]')")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, e in summary.items():
+        c = e["curve"]
+        ax1.plot([p["tokens"] / 1e6 for p in c], [p["eval_bpb"] for p in c], marker="o", label=name)
+        ax2.plot([max(p["bytes_per_worker"], 1.0) for p in c], [p["eval_bpb"] for p in c], marker="o", label=name)
+    ax1.set_xlabel("tokens trained on, all workers (millions)")
+    ax2.set_xlabel("bytes sent per worker (log scale)")
+    ax2.set_xscale("log")
+    ax1.set_ylabel("eval loss (bits per byte)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("murmur convergence: equal tokens, 1 process, LocalGroup collectives")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot written to {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, BenchConfig]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller model and run (~10 min on 2 CPU cores)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--plot", metavar="PNG", help="write loss vs tokens and vs bytes here (needs matplotlib)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    for f in BenchConfig.__dataclass_fields__.values():
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else str,
+                       default=None, help=f"(default {f.default}; --quick: {getattr(QUICK, f.name)})")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else BenchConfig()
+    overrides = {k: getattr(args, k) for k in BenchConfig.__dataclass_fields__ if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        p.error(f"unknown method(s) {bad}; choose from {','.join(METHODS)}")
+    args.methods = methods
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    corpus = load_corpus(None)
+    n_params = count_params(build_model(cfg.lm(), cfg.seed))
+    print(f"{cfg.workers} workers x {cfg.steps} steps x {cfg.batch} x {cfg.context} bytes, model {n_params:,} params, "
+          f"H={cfg.sync_every}, torch threads {torch.get_num_threads()}")
+
+    def progress(method: str, step: int, bpb: float, secs: float) -> None:
+        print(f"  {method:<17} step {step:>5}/{cfg.steps}  eval {bpb:.4f} bpb  {secs:7.1f} s", flush=True)
+
+    runs: dict[str, Run] = {}
+    t0 = time.perf_counter()
+    start = start_point(cfg, corpus, progress)
+    for m in args.methods:
+        runs[m] = run_ddp(cfg, corpus, start, progress) if m == "ddp" else run_outer(m, cfg, corpus, start, progress)
+    summary = summarize(runs)
+    print()
+    print(table(summary))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    result = {
+        "methods": summary,
+        "config": {**asdict(cfg), "params": n_params, "corpus": corpus.source, "collectives": "optimizers.comm.LocalGroup (in-process)",
+                   "quick": bool(args.quick), "loss_target_ratio": LOSS_TARGET, "bytes_targets": TARGETS},
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"results written to {args.json}")
+    if args.plot:
+        plot(summary, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
