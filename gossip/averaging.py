@@ -76,7 +76,7 @@ class ShardReduction:
 
     me: bytes
     members: tuple[bytes, ...]  # the sealed group
-    own: np.ndarray  # our own slice of this shard, float32 (n_shard,)
+    own: np.ndarray  # our own slice of this shard, float32 (n_shard,); read, never written
     weight: float  # our own weight
     acc: np.ndarray = field(init=False)  # sum of weight * slice, float64 (n_shard,)
     total_weight: float = field(init=False)
@@ -88,7 +88,9 @@ class ShardReduction:
     def __post_init__(self) -> None:
         if self.me not in self.members:
             raise ValueError("the reducer must be a member of its group")
-        self.acc = self.own.astype(np.float64) * self.weight
+        self.acc = self.own.astype(np.float64)
+        if self.weight != 1.0:
+            self.acc *= self.weight
         self.total_weight = float(self.weight)
         self.contributors = {self.me}
 
@@ -123,7 +125,10 @@ class ShardReduction:
             self.rejected[peer] = problem
             return INVALID
         assert values is not None
-        self.acc += values.astype(np.float64) * weight
+        if weight == 1.0:  # the common case, in one pass without a temporary
+            np.add(self.acc, values, out=self.acc)
+        else:
+            self.acc += values.astype(np.float64) * weight
         self.total_weight += weight
         self.contributors.add(peer)
         return OK

@@ -119,7 +119,8 @@ class GroupAverage:
         window = min(window or self.config.matchmaking_window, timeout / 2)
         now = trio.current_time()
         candidates = [r for r in self.peers.live_peers() if r.peer_id != self.me and r.addresses]
-        candidates = candidates[: self.config.max_candidates]
+        if len(candidates) > self.config.max_candidates:  # a big swarm: greet a random subset
+            candidates = self.rng.sample(candidates, self.config.max_candidates)
         mm = Matchmaker(
             Member(self.me, self.address), layout_fingerprint(shapes), now, now + timeout, window,
             self.config.max_group, frozenset(r.peer_id for r in candidates), self.config.join_slack,
@@ -241,10 +242,10 @@ class GroupAverage:
         session.end = min(session.mm.deadline, now + sealed.budget)
         part_deadline = now + self.config.part_wait * (session.end - now)
         lo, hi = bounds[me]
-        red = ShardReduction(self.me, ids, flat[lo:hi].copy(), weight)
+        red = ShardReduction(self.me, ids, flat[lo:hi], weight)
         session.group_id, session.index, session.reduction = sealed.group_id, me, red
         session.changed.fire()  # slices that arrived before our seal may go on
-        out = flat.copy()
+        out = np.empty_like(flat)  # each shard is written once: the mean, or our own input
         reports: list[ShardReport | None] = [None] * n
         rejected: set[bytes] = set()
         async with trio.open_nursery() as nursery:
@@ -265,6 +266,9 @@ class GroupAverage:
             session.reply = (sorted(red.contributors), red.total_weight, packed, list(bufs))
             session.changed.fire()
             reports[me] = ShardReport(lo, hi, self.me, True, tuple(sorted(red.contributors)), red.total_weight)
+        for report in reports:
+            if report is not None and not report.averaged:
+                out[report.start : report.stop] = flat[report.start : report.stop]
         rejected |= set(red.rejected)
         self.stats.rejected += len(red.rejected)
         final = [r for r in reports if r is not None]
@@ -389,7 +393,7 @@ class GroupAverage:
 def _alone(me: bytes, flat: np.ndarray, shapes: list[tuple[int, ...]], weight: float) -> AverageResult:
     report = ShardReport(0, int(flat.size), me, True, (me,), weight)
     return AverageResult(
-        tensors=split_flat(flat.copy(), shapes), group=(me,), contributors=(me,),
+        tensors=split_flat(flat, shapes), group=(me,), contributors=(me,),
         fractions=tuple(1.0 for _ in shapes), shards=(report,),
     )
 
