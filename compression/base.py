@@ -30,9 +30,10 @@ values) before it allocates, and raises ``CodecError`` on anything wrong. A succ
 always returns a new, finite float32 tensor. Encoding refuses non-finite input with ``ValueError``
 (a NaN must never reach a peer) and non-float input with ``TypeError``.
 
-Codecs are stateless and thread-safe; run large encodes/decodes in a worker thread. They run
-single-pass over cache-sized chunks, so they are fastest with ``torch.set_num_threads(1)`` per
-worker when the cores are busy with training (see scripts/bench/codecs.py).
+Codecs are stateless and thread-safe; run large encodes/decodes in a worker thread. They work
+over cache-sized chunks on one core: ``encode``/``decode`` pin the calling thread to one torch
+intra-op thread for the call (``layout.one_thread``), because intra-op threads competing with
+training for the same cores stall the codec tenfold.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
+from compression.layout import one_thread
 from gossip.errors import RemoteProtocolError
 
 if sys.byteorder != "little":  # the kernels reinterpret native memory as little-endian wire bytes
@@ -88,11 +90,11 @@ class Codec(abc.ABC):
             raise ValueError(f"max_numel must be in [1, 2**32 - 1], got {max_numel}")
         self.max_numel = max_numel
 
-    @abc.abstractmethod
     def encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
         """Encode ``x`` (any float dtype, any shape, any strides, CPU or accelerator)."""
+        with one_thread():
+            return self._encode(x)
 
-    @abc.abstractmethod
     def decode(
         self,
         header: Header,
@@ -100,6 +102,16 @@ class Codec(abc.ABC):
         expected_shape: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Decode a message into a new float32 CPU tensor; ``CodecError`` if it is malformed."""
+        with one_thread():
+            return self._decode(header, buffers, expected_shape)
+
+    @abc.abstractmethod
+    def _encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
+        """The codec's encoder (called on one intra-op thread)."""
+
+    @abc.abstractmethod
+    def _decode(self, header: Header, buffers: Sequence[Any], expected_shape: Sequence[int] | None) -> torch.Tensor:
+        """The codec's decoder (called on one intra-op thread)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bits_per_value={self.bits_per_value:g})"

@@ -126,7 +126,7 @@ class BlockCodec(Codec):
 
     # -- the loops --
 
-    def encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
+    def _encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
         flat, shape = as_flat_input(x)
         n, B = flat.numel(), self.block
         nfull, rest = divmod(n, B)
@@ -151,7 +151,7 @@ class BlockCodec(Codec):
         header = {"codec": self.name, "shape": list(shape), "block": B}
         return header, [wire_view(scales), wire_view(codes)]
 
-    def decode(
+    def _decode(
         self,
         header: Header,
         buffers: Sequence[Any],

@@ -37,7 +37,7 @@ class _FloatCodec(Codec):
         self.bits_per_value = float(info.bits)
         self._max = float(info.max)  # saturation bound
 
-    def encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
+    def _encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
         flat, shape = as_flat_input(x)
         n = flat.numel()
         if flat.dtype == self.wire_dtype:
@@ -56,7 +56,7 @@ class _FloatCodec(Codec):
         header = {"codec": self.name, "shape": list(shape), "dtype": self.dtype_name}
         return header, [wire_view(data)]
 
-    def decode(
+    def _decode(
         self,
         header: Header,
         buffers: Sequence[Any],

@@ -9,6 +9,7 @@ write touch memory.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from typing import Iterator
 
@@ -39,6 +40,27 @@ def alloc(n: int, dtype: torch.dtype, *, zeroed: bool = False) -> torch.Tensor:
     except OSError:
         pass  # kernels without THP: still a valid mapping, just small pages
     return torch.frombuffer(region, dtype=dtype)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on the calling thread only, then restore its thread count.
+
+    The kernels work on cache-sized chunks and gain nothing from intra-op threads; with the
+    training using the same cores, those threads stall at every OpenMP barrier (measured on two
+    shared cores: 0.1 GB/s instead of 1.5). torch's thread count is per calling thread (an
+    OpenMP ICV), so this does not slow other threads; threads first used by torch while it is in
+    effect start with one thread, which is why it is restored at once.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def as_flat_input(x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:

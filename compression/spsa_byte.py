@@ -38,18 +38,28 @@ def _decode_table() -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float64).to(torch.float32)
 
 
+def _pair_table(single: torch.Tensor) -> torch.Tensor:
+    """Two code bytes (read as one little-endian uint16) -> their two float32 values, as an int64.
+
+    One 8-byte gather per two codes: ~1.7x faster than one 4-byte gather per code.
+    """
+    u = torch.arange(1 << 16)
+    return torch.stack([single[u & 255], single[u >> 8]], dim=1).contiguous().view(torch.int64).reshape(-1)
+
+
 class SpsaByteCodec(Codec):
     """8 bits per value, no scale: for (seed, projected gradient) records, not for tensors."""
 
     name = "spsa_byte"
     lossless = False
     _table = _decode_table()
+    _pairs = _pair_table(_table)
 
     def __init__(self, *, max_numel: int = DEFAULT_MAX_NUMEL) -> None:
         super().__init__(max_numel=max_numel)
         self.bits_per_value = 8.0
 
-    def encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
+    def _encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
         flat, shape = as_flat_input(x)
         n = flat.numel()
         codes = alloc(n, torch.int8)
@@ -68,7 +78,7 @@ class SpsaByteCodec(Codec):
             codes[s:e].copy_(ac)
         return {"codec": self.name, "shape": list(shape)}, [wire_view(codes)]
 
-    def decode(
+    def _decode(
         self,
         header: Header,
         buffers: Sequence[Any],
@@ -81,12 +91,15 @@ class SpsaByteCodec(Codec):
         wire = WireArray(view, torch.int8)
         out = alloc(n, torch.float32)
         scratch = torch.empty(min(n, CHUNK), dtype=torch.uint8)
-        idx = torch.empty(min(n, CHUNK), dtype=torch.int32)
-        for s, e in chunks(n, CHUNK):
+        idx = torch.empty(min(n, CHUNK) // 2 + 1, dtype=torch.int32)
+        for s, e in chunks(n, CHUNK):  # CHUNK is even: every chunk but the last has whole pairs
             codes = wire.read(s, e, scratch)
             if int(codes.numpy().min()) == -128:
                 raise CodecError(f"{self.name}: code -128 is not a valid one-byte code")
-            ic = idx[: e - s]
-            ic.copy_(codes.view(torch.uint8))
-            torch.index_select(self._table, 0, ic, out=out[s:e])
+            even = (e - s) // 2 * 2
+            ic = idx[: even // 2]
+            ic.copy_(codes[:even].view(torch.uint16))
+            torch.index_select(self._pairs, 0, ic, out=out[s : s + even].view(torch.int64))
+            if even < e - s:  # the odd last value
+                out[e - 1] = self._table[int(codes[-1].view(torch.uint8))]
         return out.view(shape)

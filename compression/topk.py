@@ -58,7 +58,7 @@ class TopKCodec(Codec):
     def k_for(self, n: int) -> int:
         return 0 if n == 0 else min(n, max(1, math.ceil(self.ratio * n)))
 
-    def encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
+    def _encode(self, x: torch.Tensor | np.ndarray) -> tuple[Header, list[memoryview]]:
         flat, shape = as_flat_input(x)
         n = flat.numel()
         if n > MAX_NUMEL_LIMIT:
@@ -109,7 +109,7 @@ class TopKCodec(Codec):
             value_parts.append(xc[found])  # gathered while the chunk is in cache
         return np.concatenate(idx_parts), np.concatenate(value_parts)
 
-    def decode(
+    def _decode(
         self,
         header: Header,
         buffers: Sequence[Any],

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from compression.base import Codec, CodecError, codec_names, decode_any, get_codec
+from compression.base import Codec, codec_names, decode_any, get_codec
 from compression.layout import CHUNK
 
 FLT_MAX = float(np.finfo(np.float32).max)
