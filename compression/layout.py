@@ -10,8 +10,9 @@ write touch memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,25 +43,40 @@ def alloc(n: int, dtype: torch.dtype, *, zeroed: bool = False) -> torch.Tensor:
     return torch.frombuffer(region, dtype=dtype)
 
 
+def _find_omp_set_num_threads() -> Callable[[int], None] | None:
+    """libgomp's / libiomp's omp_set_num_threads, when torch's parallel backend is OpenMP."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads  # torch loads its OpenMP runtime globally
+    except (OSError, AttributeError):
+        return None
+
+
+_omp_set_num_threads = _find_omp_set_num_threads()
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run the enclosed torch ops on the calling thread only, then restore its thread count.
 
     The kernels work on cache-sized chunks and gain nothing from intra-op threads; with the
     training using the same cores, those threads stall at every OpenMP barrier (measured on two
-    shared cores: 0.1 GB/s instead of 1.5). torch's thread count is per calling thread (an
-    OpenMP ICV), so this does not slow other threads; threads first used by torch while it is in
-    effect start with one thread, which is why it is restored at once.
+    shared cores: 0.1 GB/s instead of 1.5). The OpenMP thread count is a per-thread setting;
+    ``omp_set_num_threads`` changes it for the calling thread alone, whereas
+    ``torch.set_num_threads`` would also change the default of threads that start using torch
+    meanwhile (a new worker thread starting a forward pass would keep one thread). Without an
+    OpenMP backend this does nothing.
     """
-    before = torch.get_num_threads()
-    if before == 1:
+    before = torch.get_num_threads()  # also runs torch's per-thread lazy init first
+    if before == 1 or _omp_set_num_threads is None:
         yield
         return
-    torch.set_num_threads(1)
+    _omp_set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        _omp_set_num_threads(before)
 
 
 def as_flat_input(x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -384,3 +384,60 @@ def test_registry_names_and_options() -> None:
                       ("topk", {"ratio": 1.5}), ("fp32", {"max_numel": 0}), ("fp16", {"block": 4})]:
         with pytest.raises((ValueError, TypeError)):
             get_codec(name, **bad)
+
+
+def test_concurrent_calls_match_serial_and_restore_thread_count() -> None:
+    """Codecs are stateless: threads encoding and decoding at once get the serial results."""
+    import concurrent.futures
+
+    inputs = [torch.randn(20_000, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    codecs = [get_codec(name) for name in codec_names()]
+
+    def work(x: torch.Tensor) -> list[torch.Tensor]:
+        return [c.decode(*c.encode(x)) for c in codecs]
+
+    serial = [work(x) for x in inputs]
+    before = torch.get_num_threads()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(work, inputs * 2))
+    for got, want in zip(parallel, serial * 2):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.get_num_threads() == before
+
+
+def test_one_thread_pins_only_the_calling_thread() -> None:
+    """Inside a codec call torch runs on one thread, and only in the calling thread."""
+    import threading
+
+    from compression import layout
+    from compression.layout import one_thread
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: dict[str, int] = {}
+        started, release = threading.Event(), threading.Event()
+
+        def caller() -> None:
+            with one_thread():
+                seen["inside"] = torch.get_num_threads()
+                started.set()
+                release.wait(10)
+            seen["after"] = torch.get_num_threads()
+
+        def newcomer() -> None:  # first uses torch while the other thread is inside one_thread
+            started.wait(10)
+            seen["newcomer"] = torch.get_num_threads()
+            release.set()
+
+        threads = [threading.Thread(target=caller), threading.Thread(target=newcomer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        # without an OpenMP backend one_thread is documented to do nothing
+        inside = 1 if layout._omp_set_num_threads is not None else 2
+        assert seen == {"inside": inside, "newcomer": 2, "after": 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
