@@ -82,16 +82,19 @@ def one_thread() -> Iterator[None]:
 def as_flat_input(x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``x`` as a contiguous 1-D CPU float tensor (its own dtype, zero-copy where possible).
 
-    numpy input is wrapped with ``torch.from_numpy`` (no copy) unless it is read-only or not in
-    native byte order, which torch cannot wrap; those are copied once.
+    numpy input is wrapped with ``torch.from_numpy`` (no copy) unless it is read-only, reversed
+    (negative strides), longdouble or not in native byte order, which torch cannot wrap; those
+    are copied once.
     """
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"codecs encode float arrays, got numpy dtype {x.dtype}")
+        if x.dtype.itemsize > 8:  # longdouble: torch has no such dtype
+            x = x.astype(np.float64)
         if not x.dtype.isnative:
             x = x.astype(x.dtype.newbyteorder("="))
-        if not x.flags.writeable:
-            x = x.copy()
+        if not x.flags.writeable or any(st < 0 for st in x.strides):  # torch cannot wrap these
+            x = np.array(x, order="C", copy=True)
         t = torch.from_numpy(x)
     elif isinstance(x, torch.Tensor):
         if not x.is_floating_point():

@@ -258,7 +258,8 @@ def test_numpy_inputs_any_layout(codec: Codec) -> None:
     readonly.flags.writeable = False
     big_endian = x.astype(">f4")
     fortran = np.asfortranarray(x)
-    for v in (readonly, big_endian, fortran, x.astype(np.float64)):
+    reversed_rows = x[::-1].copy()[::-1]  # negative strides, same values
+    for v in (readonly, big_endian, fortran, x.astype(np.float64), x.astype(np.longdouble), reversed_rows):
         h, b = codec.encode(v)
         assert h == ref[0] and [bytes(m) for m in b] == [bytes(m) for m in ref[1]]
 
