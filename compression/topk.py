@@ -32,7 +32,8 @@ from compression.base import DEFAULT_MAX_NUMEL, MAX_NUMEL_LIMIT, Codec, CodecErr
 from compression.checks import WireArray, byte_views, check_finite, check_int, check_keys, check_length, check_shape
 from compression.layout import CHUNK, alloc, as_flat_input, check_finite_input, chunks, load_f32
 
-# Below this size, or above this kept fraction, an exact torch.topk over everything is cheap.
+# Below this size, or above this kept fraction, no threshold is sampled: every non-zero entry
+# is a candidate for the exact selection.
 _DIRECT_NUMEL = 1 << 16
 _DIRECT_FRACTION = 0.125
 # Sample size for the threshold estimate.
