@@ -56,12 +56,13 @@ class ConnectionConfig:
     receive_bytes: int | None = None  # max bytes per receive_some; None = whatever the stream has (a whole frame)
     flush_timeout: float = 2.0  # seconds to get queued bytes out before closing (error reply, GOAWAY)
     close_timeout: float = 5.0  # seconds to wait for the peer's end of stream after ours
+    drain_timeout: float = 60.0  # seconds calls in flight get after GOAWAY before a hard close
 
     def __post_init__(self) -> None:
         if self.receive_bytes is not None and self.receive_bytes < 1:
             raise ValueError("receive_bytes must be >= 1, or None for whole frames")
-        if not (self.flush_timeout > 0 and self.close_timeout > 0):
-            raise ValueError("flush_timeout and close_timeout must be > 0 seconds")
+        if not (self.flush_timeout > 0 and self.close_timeout > 0 and self.drain_timeout > 0):
+            raise ValueError("flush_timeout, close_timeout and drain_timeout must be > 0 seconds")
 
 
 class ConnectionClosing(PeerUnreachable):
@@ -118,6 +119,7 @@ class Connection:
         self._send_exited = trio.Event()
         self._closed = trio.Event()  # run() has returned and the stream is closed
         self._violation: RemoteProtocolError | None = None
+        self._drain_by = float("inf")  # after GOAWAY: the time by which we close regardless
         self.on_goaway: list = []  # callbacks (this connection) when the peer says GOAWAY
 
     # -- state ------------------------------------------------------------------------------------
@@ -174,7 +176,12 @@ class Connection:
         """Send GOAWAY: no new calls either way; close once the calls in flight are done."""
         if self._ending is None:
             self._proto.send_goaway()
-            self._wake()
+            self._arm_drain_deadline()
+
+    def _arm_drain_deadline(self) -> None:
+        if self._drain_by == float("inf"):
+            self._drain_by = trio.current_time() + self.config.drain_timeout
+        self._wake()
 
     async def aclose(self) -> None:
         """Close now: queued bytes get `flush_timeout` to leave, calls in flight fail."""
@@ -232,7 +239,10 @@ class Connection:
                 if proto.finished:
                     await self._finish_gracefully()
                     return
-                await self._wakeup.wait()
+                with trio.move_on_at(self._drain_by):
+                    await self._wakeup.wait()
+                if trio.current_time() >= self._drain_by:
+                    self._end(f"closed: calls still in flight {self.config.drain_timeout:g}s after GOAWAY")
         except _STREAM_ERRORS as exc:
             self._end(f"lost while sending ({type(exc).__name__}: {exc})")
         finally:
@@ -285,6 +295,7 @@ class Connection:
             if scope is not None:
                 scope.cancel()
         elif isinstance(event, GoAwayReceived):
+            self._arm_drain_deadline()
             for callback in self.on_goaway:
                 callback(self)
 

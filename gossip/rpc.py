@@ -331,9 +331,11 @@ class RpcProtocol:
         self._control: deque[_Out] = deque()
         self._transfers: deque[_Transfer] = deque()
         self._scratch = bytearray(_CHUNK_HEAD.size + limits.chunk_bytes)
-        # Incoming bytes.
+        # Incoming bytes: `_rbuf` holds the start of a message split across reads (copied),
+        # `_view` the latest data given to receive_data (not copied), unread from `_vpos` on.
         self._rbuf = bytearray()
-        self._pos = 0
+        self._view = memoryview(b"")
+        self._vpos = 0
         self._in_chunk = False
         self._chunk_kind = 0
         self._chunk_id = 0
@@ -369,7 +371,7 @@ class RpcProtocol:
     @property
     def buffered_bytes(self) -> int:
         """Received bytes held for a message that is not complete yet (bounded by the caps)."""
-        return len(self._rbuf) - self._pos
+        return len(self._rbuf) + len(self._view) - self._vpos
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -499,20 +501,20 @@ class RpcProtocol:
     # -- receiving ---------------------------------------------------------------------------------
 
     def receive_data(self, data: Buffer) -> None:
-        """Feed bytes from the stream; b"" means the peer closed it."""
+        """Feed bytes from the stream; b"" means the peer closed it.
+
+        `data` is kept (not copied) until it is parsed, so chunk bytes are copied once, straight
+        into their buffer; anything but `bytes` is copied first, since the caller may reuse it.
+        """
         if self._eof:
             raise LocalProtocolError("receive_data after end of stream")
         if not data:
             self._eof = True
             return
-        view = memoryview(data).cast("B")
-        if self._in_chunk and self._chunk_left and self._pos == len(self._rbuf):
-            # Fast path: chunk bytes go straight into their buffer, copied once.
-            n = min(self._chunk_left, len(view))
-            self._copy_chunk(view[:n])
-            view = view[n:]
-        if len(view):
-            self._rbuf += view
+        if self._vpos < len(self._view):
+            self._rbuf += self._view[self._vpos :]  # an unparsed tail: part of one message
+        self._view = memoryview(data if type(data) is bytes else bytes(data)).cast("B")
+        self._vpos = 0
 
     def next_event(self) -> Event | _NeedData:
         """The next complete event, or NEED_DATA. A RemoteProtocolError here is final."""
@@ -524,18 +526,38 @@ class RpcProtocol:
             self._error = exc
             self._transfers.clear()  # keep queued control messages: an error reply may explain
             self._rbuf = bytearray()
-            self._pos = 0
+            self._view, self._vpos = memoryview(b""), 0
             raise
 
     def _need_data(self) -> Event | _NeedData:
-        if self._pos:
-            del self._rbuf[: self._pos]
-            self._pos = 0
+        if self._vpos == len(self._view):
+            self._view, self._vpos = memoryview(b""), 0  # let the caller's buffer go
         if self._eof:
-            if self._rbuf or self._in_chunk:
+            if self.buffered_bytes or self._in_chunk:
                 raise RemoteProtocolError("the stream ended in the middle of a message")
             return ConnectionEnded()
         return NEED_DATA
+
+    def _peek(self, n: int) -> bytes | bytearray | memoryview | None:
+        """The next n bytes (at least; not consumed) from one contiguous buffer, or None."""
+        r = len(self._rbuf)
+        if r == 0:
+            return self._view[self._vpos : self._vpos + n] if len(self._view) - self._vpos >= n else None
+        if r < n:
+            need = n - r
+            if len(self._view) - self._vpos < need:
+                return None
+            self._rbuf += self._view[self._vpos : self._vpos + need]
+            self._vpos += need
+        return self._rbuf
+
+    def _skip(self, n: int) -> None:
+        r = len(self._rbuf)
+        if r:
+            take = min(r, n)
+            del self._rbuf[:take]
+            n -= take
+        self._vpos += n
 
     def _copy_chunk(self, data: memoryview) -> None:
         n = len(data)
@@ -544,40 +566,48 @@ class RpcProtocol:
         self._chunk_off += n
         self._chunk_left -= n
 
+    def _fill_chunk(self) -> bool:
+        """Copy what has arrived of the current chunk into its buffer; True once it is complete."""
+        if self._rbuf and self._chunk_left:
+            n = min(len(self._rbuf), self._chunk_left)
+            with memoryview(self._rbuf) as view:
+                self._copy_chunk(view[:n])
+            del self._rbuf[:n]
+        n = min(len(self._view) - self._vpos, self._chunk_left)
+        if n:
+            self._copy_chunk(self._view[self._vpos : self._vpos + n])
+            self._vpos += n
+        return not self._chunk_left
+
     def _next_event(self) -> Event | _NeedData:
-        rbuf = self._rbuf
         while True:
             if self._in_chunk:
-                if self._chunk_left:
-                    n = min(len(rbuf) - self._pos, self._chunk_left)
-                    if n:
-                        with memoryview(rbuf) as view:
-                            self._copy_chunk(view[self._pos : self._pos + n])
-                        self._pos += n
-                    if self._chunk_left:
-                        return self._need_data()
+                if not self._fill_chunk():
+                    return self._need_data()
                 self._in_chunk = False
                 self._chunk_view = None
                 event = self._chunk_finished()
                 if event is not None:
                     return event
                 continue
-            avail = len(rbuf) - self._pos
-            if avail < _HEAD.size:
+            head = self._peek(_HEAD.size)
+            if head is None:
                 return self._need_data()
-            length, kind = _HEAD.unpack_from(rbuf, self._pos)
+            length, kind = _HEAD.unpack_from(head)
             _check_length(length, kind)
             if kind == REQUEST_CHUNK or kind == RESPONSE_CHUNK:
-                if avail < _CHUNK_HEAD.size:
+                head = self._peek(_CHUNK_HEAD.size)
+                if head is None:
                     return self._need_data()
-                _, _, id_ = _CHUNK_HEAD.unpack_from(rbuf, self._pos)
-                self._pos += _CHUNK_HEAD.size
+                _, _, id_ = _CHUNK_HEAD.unpack_from(head)
+                self._skip(_CHUNK_HEAD.size)
                 self._start_chunk(kind, id_, length - _CHUNK_OVERHEAD)
                 continue
-            if avail < 4 + length:
+            message = self._peek(4 + length)
+            if message is None:
                 return self._need_data()
-            payload = bytes(rbuf[self._pos + _HEAD.size : self._pos + 4 + length])
-            self._pos += 4 + length
+            payload = bytes(message[_HEAD.size : 4 + length])
+            self._skip(4 + length)
             event = self._on_control(kind, payload)
             if event is not None:
                 return event
