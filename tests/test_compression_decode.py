@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compression.base import CodecError, codec_names, decode_any, get_codec
+from compression.error_feedback import ErrorFeedbackReceiver
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -284,6 +285,7 @@ def test_fuzz_arbitrary_messages(name: str, fields: dict, buffers: list[bytes]) 
     header = {"codec": name, **fields}
     _assert_ok_or_codec_error(get_codec(name).decode, header, buffers)
     _assert_ok_or_codec_error(decode_any, header, buffers)
+    _assert_ok_or_codec_error(ErrorFeedbackReceiver().decode, header, buffers)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
