@@ -259,9 +259,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError, MurmurError, ImportError, RuntimeError) as exc:
-        print(f"murmur: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("murmur: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        # trio wraps errors raised inside nurseries in exception groups: report the real one.
+        real = _collapse(exc)
+        if isinstance(real, _EXPECTED):
+            print(f"murmur: error: {_one_line(real)}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(real, KeyboardInterrupt):
+            print("murmur: interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+_EXPECTED = (ValueError, OSError, MurmurError, ImportError, RuntimeError)
+
+
+def _collapse(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if type(e).__name__ != "Cancelled"] or list(exc.exceptions)
+        exc = inner[0]
+    return exc

@@ -33,7 +33,7 @@ import trio
 from gossip.identity import Identity, format_peer_id
 from gossip.membership import MembershipConfig
 from node.config import ALGORITHMS, check_address
-from node.services import Services, open_services, swarm_key_from, wait_for_peers
+from node.services import Services, collapse, open_services, swarm_key_from, wait_for_peers
 from optimizers.comm import TrioComm
 from optimizers.factory import make_outer
 
@@ -196,6 +196,7 @@ class Swarm:
         try:
             trio.run(self._main)
         except BaseException as exc:  # to the constructor's caller, or logged if it comes later
+            exc = collapse(exc)
             if not self._ready.is_set():
                 self._error = exc
                 self._ready.set()

@@ -75,6 +75,7 @@ class Node:
         self._tokens_at_start = 0
         self._last_sync_time: float | None = None
         self._syncs_seen = 0
+        self._syncs_base = (0, 0)  # (done, missed) restored from a checkpoint: not this run's
         self._rates = {k: RateMeter(10.0) for k in ("tokens", "sent", "received")}
         self.metrics: MetricsWriter | None = None
         self.store = CheckpointStore(cfg.checkpoint_path(), keep=cfg.keep_checkpoints)
@@ -111,8 +112,8 @@ class Node:
             bytes_received=stats.bytes_received if stats else 0,
             send_rate=self._rates["sent"].update(now, stats.bytes_sent if stats else 0),
             recv_rate=self._rates["received"].update(now, stats.bytes_received if stats else 0),
-            syncs_done=outer.syncs_done if outer else 0,
-            syncs_missed=outer.syncs_missed if outer else 0,
+            syncs_done=outer.syncs_done - self._syncs_base[0] if outer else 0,
+            syncs_missed=outer.syncs_missed - self._syncs_base[1] if outer else 0,
             elapsed_s=now - self._started,
         )
 
@@ -200,17 +201,25 @@ class Node:
             await trio.to_thread.run_sync(lambda: trainer.restore(snap, from_peer=False))
             self.progress.log(f"murmur: resumed from checkpoint at step {trainer.counters.step}")
             self._record("resume", step=trainer.counters.step, model_hash=await trio.to_thread.run_sync(trainer.model_hash))
-        elif cfg.state_sync and cfg.bootstrap:
-            await self._state_sync(services, trainer)
+        if cfg.state_sync and cfg.bootstrap:
+            # A late joiner takes any trained state; a restarted node only catches up when the
+            # swarm is more than one outer round ahead (its syncs would never find a partner
+            # of its round, and DiLoCo-style "healing" loads the group's state the same way).
+            behind = trainer.counters.step + cfg.sync_every if snap is not None else 0
+            await self._state_sync(services, trainer, min_step=behind)
         self.trainer = trainer
         self._tokens_at_start = trainer.counters.tokens
+        # Sync counters in a checkpoint span every earlier run; status and metrics count this run's.
+        self._syncs_base = (trainer.outer.stats.syncs_done, trainer.outer.stats.syncs_missed)
 
-    async def _state_sync(self, services: Services, trainer) -> None:
+    async def _state_sync(self, services: Services, trainer, min_step: int = 0) -> None:
         store = ChunkStore(self.cfg.checkpoint_path() / "state-sync")
         try:
-            result = await fetch_state(services.transport, services.peer_refs(), store, chunk_timeout=self.cfg.sync_timeout)
+            result = await fetch_state(
+                services.transport, services.peer_refs(), store, chunk_timeout=self.cfg.sync_timeout, min_step=min_step
+            )
         except StateSyncError as exc:
-            self.progress.log(f"murmur: could not fetch the swarm's state ({exc}); starting from the initial weights")
+            self.progress.log(f"murmur: could not fetch the swarm's state ({exc}); going on with what we have")
             return
         if result is None:
             return  # a fresh swarm: everyone starts from the seed's weights
@@ -218,7 +227,7 @@ class Node:
             snap = await trio.to_thread.run_sync(lambda: deserialize(result.data, what="peer snapshot"))
             await trio.to_thread.run_sync(lambda: trainer.restore(snap, from_peer=True))
         except CheckpointError as exc:
-            self.progress.log(f"murmur: refusing the peer's state ({exc}); starting from the initial weights")
+            self.progress.log(f"murmur: refusing the peer's state ({exc}); going on with what we have")
             return
         finally:
             await trio.to_thread.run_sync(store.clear)

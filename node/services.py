@@ -58,6 +58,14 @@ STATUS = messages.define(
 )
 
 
+def collapse(exc: BaseException) -> BaseException:
+    """The real error inside the exception groups trio wraps around errors raised in nurseries."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)] or list(exc.exceptions)
+        exc = inner[0]
+    return exc
+
+
 def swarm_key_from(swarm: str, swarm_key: str | None) -> SwarmKey:
     """The private swarm's key if a secret file is given, else the open swarm named `swarm`."""
     if swarm_key is not None:

@@ -147,10 +147,11 @@ class Offer:
     manifest: Manifest
 
 
-def choose_offer(offers: Sequence[Offer], held: set[bytes] = frozenset()) -> Manifest | None:
+def choose_offer(offers: Sequence[Offer], held: set[bytes] = frozenset(), min_step: int = 0) -> Manifest | None:
     """The snapshot to fetch: the most trained; then the one offered by most peers (more
     sources to fall back on); then the one we already hold most chunks of; then the smallest
-    hash (so every joiner breaks ties alike). None when nobody has trained (step 0)."""
+    hash (so every joiner breaks ties alike). None unless it has trained more than `min_step`
+    steps (0: a fresh swarm has nothing to offer)."""
     best: dict[bytes, list] = {}
     for o in offers:
         m = o.manifest
@@ -164,7 +165,7 @@ def choose_offer(offers: Sequence[Offer], held: set[bytes] = frozenset()) -> Man
         return (m.step, n, sum(1 for c in m.chunks if c in held), [-b for b in m.snapshot])
 
     manifest = max(best.values(), key=key)[0]
-    return manifest if manifest.step > 0 else None
+    return manifest if manifest.step > min_step else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +446,10 @@ async def fetch_state(
     chunk_timeout: float = 10.0,
     parallel: int = 4,
     max_rounds: int = 3,
+    min_step: int = 0,
 ) -> FetchResult | None:
-    """Fetch the most trained peer's snapshot; None if nobody has trained (or published) yet.
+    """Fetch the most trained peer's snapshot; None if nobody has trained (or published) more
+    than `min_step` steps (a restarted node passes its own step: it only catches up).
 
     `peers` are (peer id, address) pairs to ask. Raises StateSyncError when a download was
     started but `max_rounds` rounds of asking end without a verified snapshot.
@@ -465,7 +468,7 @@ async def fetch_state(
                 return None  # nobody has published state yet: a fresh swarm, nothing to fetch
             break
         held = store.held_hashes()
-        manifest = choose_offer(offers, held)
+        manifest = choose_offer(offers, held, min_step)
         if manifest is None:
             if not excluded:
                 return None  # a fresh swarm: nothing to fetch
