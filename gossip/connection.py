@@ -1,7 +1,7 @@
 """One RPC connection: the trio pump around `gossip.rpc.RpcProtocol` on any byte stream.
 
 Two tasks per connection: one receives (bytes -> events -> waiters and handler tasks), one sends
-(whatever `data_to_send()` hands out: control messages first, then one bulk chunk at a time).
+(whatever `pieces_to_send()` hands out: control messages first, then one bulk chunk at a time).
 Many calls share the connection; each waits on its own id. All decisions about bytes live in
 the sans-IO core; this module only moves bytes, runs handlers and keeps deadlines.
 
@@ -230,9 +230,10 @@ class Connection:
         try:
             while True:
                 self._wakeup = trio.Event()
-                data = proto.data_to_send()
-                if data is not None:
-                    await stream.send_all(data)
+                pieces = proto.pieces_to_send()
+                if pieces is not None:
+                    for piece in pieces:
+                        await stream.send_all(piece)
                     continue
                 if self._ending is not None:
                     return  # everything queued is out

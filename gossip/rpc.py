@@ -1,7 +1,7 @@
 """Multiplexed RPC on one byte stream, sans-IO: envelopes, message framing, chunks, request ids.
 
 `RpcProtocol` never touches a socket or imports trio (h11 style): `start_call` / `respond` /
-`cancel_call` queue messages, `data_to_send()` hands out the next bytes to write (control
+`cancel_call` queue messages, `pieces_to_send()` hands out the next write (control
 messages first, then at most one bulk chunk), `receive_data(bytes)` buffers what arrived and
 `next_event()` returns the next event or `NEED_DATA`. `gossip.connection` pumps it over a stream.
 
@@ -330,7 +330,6 @@ class RpcProtocol:
         # Outgoing bytes: control messages strictly before chunks, transfers round-robin.
         self._control: deque[_Out] = deque()
         self._transfers: deque[_Transfer] = deque()
-        self._scratch = bytearray(_CHUNK_HEAD.size + limits.chunk_bytes)
         # Incoming bytes: `_rbuf` holds the start of a message split across reads (copied),
         # `_view` the latest data given to receive_data (not copied), unread from `_vpos` on.
         self._rbuf = bytearray()
@@ -445,8 +444,17 @@ class RpcProtocol:
             self.goaway_sent = True
             self._queue(_Out(GOAWAY_MESSAGE, None))
 
-    def data_to_send(self) -> bytes | memoryview | None:
-        """The next bytes to write, or None. Valid only until the next call (a chunk reuses one buffer)."""
+    def data_to_send(self) -> bytes | None:
+        """The next write as one bytes object, or None (see `pieces_to_send`)."""
+        pieces = self.pieces_to_send()
+        return None if pieces is None else b"".join(pieces)
+
+    def pieces_to_send(self) -> tuple[Buffer, ...] | None:
+        """The next write, or None: queued control messages, else one chunk.
+
+        A chunk comes as (header, view of the caller's buffer): the bulk bytes are never copied
+        here, so the caller's buffers must stay unchanged until its call returns.
+        """
         if self._control:
             parts = []
             size = 0
@@ -462,14 +470,14 @@ class RpcProtocol:
                     inb = self._inbound.get(out.request_id)
                     if inb is not None and inb.transfer is None:
                         del self._inbound[out.request_id]  # answered without buffers: done
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return (parts[0] if len(parts) == 1 else b"".join(parts),)
         if self._error is not None or not self._transfers:
             return None
         t = self._transfers[0]
         view = t.views[t.index]
         n = min(self.limits.chunk_bytes, len(view) - t.offset)
-        _CHUNK_HEAD.pack_into(self._scratch, 0, n + _CHUNK_OVERHEAD, t.kind, t.id)
-        self._scratch[_CHUNK_HEAD.size : _CHUNK_HEAD.size + n] = view[t.offset : t.offset + n]
+        header = _CHUNK_HEAD.pack(n + _CHUNK_OVERHEAD, t.kind, t.id)
+        data = view[t.offset : t.offset + n]
         t.offset += n
         if t.offset == len(view):
             t.index += 1
@@ -480,7 +488,7 @@ class RpcProtocol:
             self._transfer_done(t)
         else:
             self._transfers.rotate(-1)
-        return memoryview(self._scratch)[: _CHUNK_HEAD.size + n]
+        return header, data
 
     def _queue(self, out: _Out, peer_caused: bool = False) -> _Out:
         if len(self._control) >= self.limits.max_control_queue:
