@@ -223,7 +223,8 @@ class GroupAverage:
             give_up = min(s.mm.deadline, now + 0.9 * b["patience"])
             while req.peer_id not in s.mm.answers and trio.current_time() < give_up:
                 await s.changed.wait(give_up)
-            answer = s.mm.answers.pop(req.peer_id, None) or s.mm.withdraw(req.peer_id)
+            # Read, not pop: a repeated join (its first answer lost) must get the same answer.
+            answer = s.mm.answers.get(req.peer_id) or s.mm.withdraw(req.peer_id)
         return Response(wire.join_answer_to_wire(answer))
 
     # =========================================================================================
@@ -346,6 +347,7 @@ class GroupAverage:
         red = s.reduction
         values, problem = await self._decode(s.codec, b["header"], req.buffers, red.size)
         reason = red.offer(req.peer_id, b["weight"], values, problem)
+        del values  # summed into the shard: do not hold a copy while we wait for the others
         s.changed.fire()
         if reason != OK:
             return _part_refusal(reason)

@@ -304,6 +304,46 @@ async def test_lossy_codec_leaves_every_member_with_identical_values(autojump_cl
     np.testing.assert_allclose(first, weighted_mean(xs, ws, range(n))[0], atol=3e-3, rtol=0)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_results_never_claim_more_than_happened_on_a_bad_network(autojump_clock, seed):
+    # Loss, jitter and a node dying at a random moment: whatever the outcome, each survivor's
+    # result must be exactly what it claims, shard by shard.
+    n = 6
+    xs, ws = inputs(n, sizes=(600,)), [1.0 + i for i in range(n)]
+    swarm = Swarm(n, link=LinkSpec(latency=0.02, jitter=0.02, bandwidth=1e6, loss=0.03), seed=seed)
+    rng = random.Random(seed)
+    victim, when = rng.randrange(n), rng.uniform(0.0, 0.4)
+    make = averager(xs, ws, delay=0.02)
+    mains = {i: make(i) for i in range(n)}
+
+    async def doomed(col, main=mains[victim]):
+        async def killer():
+            await trio.sleep(when)
+            swarm.kill(victim)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer)
+            return await main(col)
+
+    mains[victim] = doomed
+    results = await swarm.run(mains)
+    results.pop(victim, None)  # it may have returned just before dying: only survivors count
+    assert set(results) == set(range(n)) - {victim}
+    for i, (r, t) in results.items():
+        assert t <= 10.0 + 0.02 * i  # the deadline holds
+        assert pid(i) in r.group and r.contributors[0] <= r.contributors[-1]
+        got = r.tensors[0]
+        for s in r.shards:
+            if not s.averaged:
+                assert np.array_equal(got[s.start:s.stop], xs[i][0][s.start:s.stop])
+            elif s.stop > s.start:
+                members = [p[0] - 1 for p in s.contributors]
+                assert i in members and s.weight == pytest.approx(sum(ws[j] for j in members))
+                want = weighted_mean(xs, ws, members)[0][s.start:s.stop]
+                np.testing.assert_allclose(got[s.start:s.stop], want, atol=1e-6, rtol=0)
+        assert all(set(r.contributors) <= set(s.contributors) for s in r.shards if s.averaged and s.stop > s.start)
+
+
 @pytest.mark.parametrize("name, atol", [("fp32", 1e-6), ("int8", 0.05)])
 async def test_with_the_project_codecs(autojump_clock, name, atol):
     from compression.base import get_codec
