@@ -57,12 +57,13 @@ class ConnectionConfig:
     flush_timeout: float = 2.0  # seconds to get queued bytes out before closing (error reply, GOAWAY)
     close_timeout: float = 5.0  # seconds to wait for the peer's end of stream after ours
     drain_timeout: float = 60.0  # seconds calls in flight get after GOAWAY before a hard close
+    stall_timeout: float = 60.0  # seconds one write may block (the peer not reading) before we drop it
 
     def __post_init__(self) -> None:
         if self.receive_bytes is not None and self.receive_bytes < 1:
             raise ValueError("receive_bytes must be >= 1, or None for whole frames")
-        if not (self.flush_timeout > 0 and self.close_timeout > 0 and self.drain_timeout > 0):
-            raise ValueError("flush_timeout, close_timeout and drain_timeout must be > 0 seconds")
+        if not min(self.flush_timeout, self.close_timeout, self.drain_timeout, self.stall_timeout) > 0:
+            raise ValueError("flush_timeout, close_timeout, drain_timeout and stall_timeout must be > 0 seconds")
 
 
 class ConnectionClosing(PeerUnreachable):
@@ -232,8 +233,14 @@ class Connection:
                 self._wakeup = trio.Event()
                 pieces = proto.pieces_to_send()
                 if pieces is not None:
-                    for piece in pieces:
-                        await stream.send_all(piece)
+                    # One write is at most a chunk or a batch of control messages: a peer that
+                    # takes longer than stall_timeout to read it is as good as gone.
+                    with trio.move_on_after(self.config.stall_timeout) as scope:
+                        for piece in pieces:
+                            await stream.send_all(piece)
+                    if scope.cancelled_caught:
+                        self._end(f"stalled: the peer read nothing for {self.config.stall_timeout:g}s")
+                        return
                     continue
                 if self._ending is not None:
                     return  # everything queued is out

@@ -5,11 +5,11 @@
 messages first, then at most one bulk chunk), `receive_data(bytes)` buffers what arrived and
 `next_event()` returns the next event or `NEED_DATA`. `gossip.connection` pumps it over a stream.
 
-On the (already decrypted) stream every message is `length:u32be kind:u8 payload`, where
-`length` counts the kind byte and the payload. Requests, responses, errors and cancels are
-msgpack maps; the raw buffers of a request or response follow their header as CHUNK messages of
-at most `CHUNK_BYTES`, interleaved round-robin with other transfers, so a control message never
-waits behind more than one chunk. PROTOCOL.md ("Messages and RPC") documents every byte.
+On the (already decrypted) stream every message is `length:u32be kind:u8 payload`
+(`gossip.rpc_wire` holds the encodings). Requests, responses, errors and cancels are msgpack
+maps; the raw buffers of a request or response follow their header as CHUNK messages of at most
+`CHUNK_BYTES`, interleaved round-robin with other transfers, so a control message never waits
+behind more than one chunk. PROTOCOL.md ("Messages and RPC") documents every byte.
 
 Everything from the peer is checked before it is used: the length prefix against the cap of
 its kind before a byte of the payload is buffered, msgpack with hard limits and no ext types,
@@ -20,40 +20,38 @@ and the protocol object is dead from then on (the connection is dropped).
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import msgpack
+from typing import Sequence
 
 from gossip import messages
 from gossip.errors import LocalProtocolError, RemoteProtocolError
-from gossip.messages import Int, List, Map, MessageType, Str
+from gossip.messages import MessageType
+from gossip.rpc_wire import (
+    CANCEL,
+    CHUNK_BYTES,
+    CHUNK_HEAD,
+    CHUNK_OVERHEAD,
+    ERROR,
+    GOAWAY,
+    GOAWAY_MESSAGE,
+    HEAD,
+    KIND_NAMES,
+    MAX_CONTROL_BYTES,
+    REQUEST,
+    REQUEST_CHUNK,
+    RESPONSE,
+    RESPONSE_CHUNK,
+    Assembly,
+    Declared,
+    buffer_views,
+    check_length,
+    decode_control,
+    encode_control,
+    pack_cancel,
+    pack_error,
+)
 from gossip.transport import Buffer, TrafficStats
-
-# Message kinds (the byte after the length prefix).
-REQUEST = 1
-RESPONSE = 2
-ERROR = 3
-CANCEL = 4
-REQUEST_CHUNK = 5
-RESPONSE_CHUNK = 6
-GOAWAY = 7
-_KIND_NAMES = {1: "request", 2: "response", 3: "error", 4: "cancel", 5: "request chunk",
-               6: "response chunk", 7: "goaway"}
-
-CHUNK_BYTES = 256 * 1024  # the most raw buffer bytes in one chunk message
-# A control message holds a body (<= MAX_BODY_BYTES) plus the envelope: keys, ids and one
-# size per buffer (<= 4096 x 9 bytes). 64 KiB of headroom covers the envelope.
-MAX_CONTROL_BYTES = messages.MAX_BODY_BYTES + 64 * 1024
-MAX_ERROR_KIND = 64  # chars in an error's class name
-MAX_ERROR_MESSAGE = 1000  # chars in an error's text
-MAX_ID = (1 << 64) - 1
-
-_HEAD = struct.Struct("!IB")  # length, kind
-_CHUNK_HEAD = struct.Struct("!IBQ")  # length, kind, id
-_CHUNK_OVERHEAD = _CHUNK_HEAD.size - 4  # bytes of a chunk's length that are not data (kind + id)
 
 
 class _NeedData:
@@ -115,123 +113,7 @@ class ConnectionEnded:
 Event = RequestReceived | ResponseReceived | ErrorReceived | CancelReceived | GoAwayReceived | ConnectionEnded
 
 
-# -- envelope schemas ----------------------------------------------------------------------------
-
-
-class _AnyMap(messages.Schema):
-    """The body slot of an envelope: a map, checked later against its message type."""
-
-    def check(self, value: Any, where: str) -> dict:
-        if type(value) is not dict:
-            raise RemoteProtocolError(f"{where}: expected map, got {type(value).__name__}")
-        return value
-
-
-_ID = Int(1, MAX_ID)
-_SIZES = List(Int(0, messages.MAX_BUFFER_BYTES), max_len=messages.MAX_BUFFERS)
-ENVELOPES: dict[int, Map] = {
-    REQUEST: Map({"id": _ID, "type": Str(max_len=128), "v": Int(0, (1 << 32) - 1),
-                  "body": _AnyMap(), "bufs": _SIZES}),
-    RESPONSE: Map({"id": _ID, "body": _AnyMap(), "bufs": _SIZES}),
-    ERROR: Map({"id": _ID, "kind": Str(max_len=MAX_ERROR_KIND), "message": Str(max_len=MAX_ERROR_MESSAGE)}),
-    CANCEL: Map({"id": _ID}),
-}
-
-
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
-
-
-def decode_control(kind: int, payload: bytes) -> dict:
-    """Decode and check one control message's msgpack payload (no body schema yet)."""
-    n = len(payload)
-    try:
-        value = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True, timestamp=0,
-            max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n, max_ext_len=0,
-            ext_hook=_refuse_ext,
-        )
-    except RemoteProtocolError:
-        raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise RemoteProtocolError(f"{_KIND_NAMES[kind]}: invalid msgpack ({type(exc).__name__}: {exc})") from None
-    return ENVELOPES[kind].check(value, _KIND_NAMES[kind])
-
-
-class _Declared:
-    """Stands in for a buffer that has not arrived, so `messages.check_*` can bound its size."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def _pack(obj: dict, what: str) -> bytes:
-    try:
-        return msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise LocalProtocolError(f"{what}: cannot encode ({exc})") from None
-
-
-def encode_control(kind: int, envelope: dict) -> bytes:
-    """One framed control message. Our own envelope over the cap is a LocalProtocolError."""
-    payload = _pack(envelope, _KIND_NAMES[kind])
-    if len(payload) > MAX_CONTROL_BYTES:
-        raise LocalProtocolError(
-            f"{_KIND_NAMES[kind]} of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}; "
-            "send large data as buffers, not in the body"
-        )
-    return _HEAD.pack(len(payload) + 1, kind) + payload
-
-
-GOAWAY_MESSAGE = _HEAD.pack(1, GOAWAY)
-
-
 # -- bookkeeping -------------------------------------------------------------------------------
-
-
-class _Assembly:
-    """Buffers of one message arriving chunk by chunk; each buffer is allocated at its first chunk."""
-
-    __slots__ = ("sizes", "buffers", "index", "offset")
-
-    def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sizes
-        self.buffers: list[bytearray | None] = [bytearray() if n == 0 else None for n in sizes]
-        self.index = 0
-        self.offset = 0
-        self._skip_empty()
-
-    def _skip_empty(self) -> None:
-        while self.index < len(self.sizes) and self.offset == self.sizes[self.index]:
-            self.index += 1
-            self.offset = 0
-
-    @property
-    def done(self) -> bool:
-        return self.index == len(self.sizes)
-
-    def target(self, n: int, where: str) -> memoryview:
-        """Where the next `n` chunk bytes go; a chunk never crosses a buffer boundary."""
-        if self.done:
-            raise RemoteProtocolError(f"{where}: chunk after all declared buffers arrived")
-        left = self.sizes[self.index] - self.offset
-        if n > left:
-            raise RemoteProtocolError(f"{where}: chunk of {n} bytes, only {left} left in buffer {self.index}")
-        buf = self.buffers[self.index]
-        if buf is None:
-            buf = self.buffers[self.index] = bytearray(self.sizes[self.index])
-        view = memoryview(buf)[self.offset : self.offset + n]
-        self.offset += n
-        self._skip_empty()
-        return view
-
-    def result(self) -> list[bytearray]:
-        return [b if b is not None else bytearray() for b in self.buffers]
 
 
 class _Out:
@@ -271,14 +153,14 @@ class _Call:
         self.mt = mt
         self.header = header
         self.transfer = transfer  # None once all request chunks are out
-        self.assembly: _Assembly | None = None  # the response's buffers while they arrive
+        self.assembly: Assembly | None = None  # the response's buffers while they arrive
         self.body: dict | None = None
 
 
 class _Inbound:
     __slots__ = ("mt", "state", "body", "assembly", "transfer")
 
-    def __init__(self, mt: MessageType, body: dict, assembly: _Assembly) -> None:
+    def __init__(self, mt: MessageType, body: dict, assembly: Assembly) -> None:
         self.mt = mt
         self.state = "assembling"  # -> "handling" -> "responding"
         self.body = body
@@ -382,7 +264,7 @@ class RpcProtocol:
             raise LocalProtocolError("the connection is closing (GOAWAY); open a new one")
         if len(self._calls) >= self.limits.max_calls:
             raise LocalProtocolError(f"already {self.limits.max_calls} calls in flight; wait for one")
-        views = _views(buffers)
+        views = buffer_views(buffers)
         messages.check_outgoing(mt, body, views, response=False)
         call_id = self._next_call_id
         sizes = [len(v) for v in views]
@@ -407,7 +289,7 @@ class RpcProtocol:
         if not call.header.sent:
             self._control.remove(call.header)
         elif self._error is None:
-            self._queue(_Out(_pack_cancel(call_id), None))
+            self._queue(_Out(pack_cancel(call_id), None))
 
     def respond(self, request_id: int, body: dict, buffers: Sequence[Buffer] = ()) -> bool:
         """Answer a delivered request. False if it was cancelled meanwhile (nothing is sent).
@@ -418,7 +300,7 @@ class RpcProtocol:
         inb = self._inbound.get(request_id)
         if inb is None or inb.state != "handling" or self._error is not None:
             return False
-        views = _views(buffers)
+        views = buffer_views(buffers)
         messages.check_outgoing(inb.mt, body, views, response=True)
         sizes = [len(v) for v in views]
         data = encode_control(RESPONSE, {"id": request_id, "body": body, "bufs": sizes})
@@ -435,7 +317,7 @@ class RpcProtocol:
         if inb is None or inb.state != "handling" or self._error is not None:
             return False
         inb.state = "responding"
-        self._queue(_Out(_pack_error(request_id, kind, message), inb.mt.name, request_id))
+        self._queue(_Out(pack_error(request_id, kind, message), inb.mt.name, request_id))
         return True
 
     def send_goaway(self) -> None:
@@ -476,13 +358,13 @@ class RpcProtocol:
         t = self._transfers[0]
         view = t.views[t.index]
         n = min(self.limits.chunk_bytes, len(view) - t.offset)
-        header = _CHUNK_HEAD.pack(n + _CHUNK_OVERHEAD, t.kind, t.id)
+        header = CHUNK_HEAD.pack(n + CHUNK_OVERHEAD, t.kind, t.id)
         data = view[t.offset : t.offset + n]
         t.offset += n
         if t.offset == len(view):
             t.index += 1
             t.offset = 0
-        self.stats.by_method[t.method] = self.stats.by_method.get(t.method, 0) + _CHUNK_HEAD.size + n
+        self.stats.by_method[t.method] = self.stats.by_method.get(t.method, 0) + CHUNK_HEAD.size + n
         if t.done:
             self._transfers.popleft()
             self._transfer_done(t)
@@ -598,30 +480,30 @@ class RpcProtocol:
                 if event is not None:
                     return event
                 continue
-            head = self._peek(_HEAD.size)
+            head = self._peek(HEAD.size)
             if head is None:
                 return self._need_data()
-            length, kind = _HEAD.unpack_from(head)
-            _check_length(length, kind)
+            length, kind = HEAD.unpack_from(head)
+            check_length(length, kind)
             if kind == REQUEST_CHUNK or kind == RESPONSE_CHUNK:
-                head = self._peek(_CHUNK_HEAD.size)
+                head = self._peek(CHUNK_HEAD.size)
                 if head is None:
                     return self._need_data()
-                _, _, id_ = _CHUNK_HEAD.unpack_from(head)
-                self._skip(_CHUNK_HEAD.size)
-                self._start_chunk(kind, id_, length - _CHUNK_OVERHEAD)
+                _, _, id_ = CHUNK_HEAD.unpack_from(head)
+                self._skip(CHUNK_HEAD.size)
+                self._start_chunk(kind, id_, length - CHUNK_OVERHEAD)
                 continue
             message = self._peek(4 + length)
             if message is None:
                 return self._need_data()
-            payload = bytes(message[_HEAD.size : 4 + length])
+            payload = bytes(message[HEAD.size : 4 + length])
             self._skip(4 + length)
             event = self._on_control(kind, payload)
             if event is not None:
                 return event
 
     def _start_chunk(self, kind: int, id_: int, n: int) -> None:
-        where = f"{_KIND_NAMES[kind]} for call {id_}"
+        where = f"{KIND_NAMES[kind]} for call {id_}"
         target = None
         if kind == REQUEST_CHUNK:
             inb = self._inbound.get(id_)
@@ -692,20 +574,20 @@ class RpcProtocol:
             raise RemoteProtocolError(f"request {rid} after the peer's GOAWAY")
         sizes = env["bufs"]
         try:
-            mt, body = messages.check_request(env["type"], env["v"], env["body"], [_Declared(n) for n in sizes])
+            mt, body = messages.check_request(env["type"], env["v"], env["body"], [Declared(n) for n in sizes])
         except RemoteProtocolError as exc:
             # Tell the caller why before the connection drops: its call sees RemoteError.
-            self._queue(_Out(_pack_error(rid, "RemoteProtocolError", str(exc)), None), peer_caused=True)
+            self._queue(_Out(pack_error(rid, "RemoteProtocolError", str(exc)), None), peer_caused=True)
             raise
         if len(self._inbound) >= self.limits.max_inbound:
             msg = f"more than {self.limits.max_inbound} requests in flight on this connection"
-            self._queue(_Out(_pack_error(rid, "Overloaded", msg), mt.name), peer_caused=True)
+            self._queue(_Out(pack_error(rid, "Overloaded", msg), mt.name), peer_caused=True)
             if sum(sizes):
                 self._discard_requests[rid] = None
                 if len(self._discard_requests) > 4 * self.limits.max_inbound:
                     del self._discard_requests[next(iter(self._discard_requests))]
             return None
-        inb = _Inbound(mt, body, _Assembly(sizes))
+        inb = _Inbound(mt, body, Assembly(sizes))
         self._inbound[rid] = inb
         if inb.assembly.done:
             return self._deliver_request(rid, inb)
@@ -728,9 +610,9 @@ class RpcProtocol:
         if call is None:
             if cid < self._next_call_id:
                 return None  # a late answer to a call we gave up on
-            raise RemoteProtocolError(f"{_KIND_NAMES[kind]} for call {cid}, which we never made")
+            raise RemoteProtocolError(f"{KIND_NAMES[kind]} for call {cid}, which we never made")
         if not call.header.sent or call.assembly is not None:
-            raise CallProtocolError(f"{_KIND_NAMES[kind]} for call {cid} out of order", cid)
+            raise CallProtocolError(f"{KIND_NAMES[kind]} for call {cid} out of order", cid)
         if kind == ERROR:
             del self._calls[cid]
             if call.transfer is not None:  # refused before our buffers were all out: stop sending
@@ -741,10 +623,10 @@ class RpcProtocol:
             raise CallProtocolError(f"response to call {cid} before its request buffers were sent", cid)
         sizes = env["bufs"]
         try:
-            body = messages.check_response(call.mt, env["body"], [_Declared(n) for n in sizes])
+            body = messages.check_response(call.mt, env["body"], [Declared(n) for n in sizes])
         except RemoteProtocolError as exc:
             raise CallProtocolError(str(exc), cid) from None
-        assembly = _Assembly(sizes)
+        assembly = Assembly(sizes)
         if assembly.done:
             del self._calls[cid]
             self.stats.messages_received += 1
@@ -753,32 +635,3 @@ class RpcProtocol:
         call.body = body
         return None
 
-
-def _check_length(length: int, kind: int) -> None:
-    """The length prefix against its kind's cap, before any of the payload is buffered."""
-    if kind == REQUEST_CHUNK or kind == RESPONSE_CHUNK:
-        lo, hi = _CHUNK_OVERHEAD + 1, _CHUNK_OVERHEAD + CHUNK_BYTES
-    elif kind == GOAWAY:
-        lo = hi = 1
-    elif kind in ENVELOPES:
-        lo, hi = 2, 1 + MAX_CONTROL_BYTES
-    else:
-        raise RemoteProtocolError(f"unknown message kind {kind}")
-    if not lo <= length <= hi:
-        raise RemoteProtocolError(f"{_KIND_NAMES[kind]} of length {length} outside [{lo}, {hi}]")
-
-
-def _views(buffers: Sequence[Buffer]) -> list[memoryview]:
-    try:
-        return [memoryview(b).cast("B") for b in buffers]
-    except TypeError as exc:
-        raise LocalProtocolError(f"buffers must be contiguous bytes-like objects ({exc})") from None
-
-
-def _pack_cancel(call_id: int) -> bytes:
-    return encode_control(CANCEL, {"id": call_id})
-
-
-def _pack_error(request_id: int, kind: str, message: str) -> bytes:
-    return encode_control(ERROR, {"id": request_id, "kind": kind[:MAX_ERROR_KIND],
-                                  "message": message[:MAX_ERROR_MESSAGE]})

@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from gossip import messages, rpc
+from gossip import messages
+from gossip import rpc_wire as wire
 from gossip.connection import Connection, ConnectionClosing, ConnectionConfig
 from gossip.errors import LocalProtocolError, PeerUnreachable, RemoteError, RemoteProtocolError
 from gossip.messages import Int, Map
@@ -222,7 +223,7 @@ async def test_invalid_answer_fails_that_call_and_drops_the_connection(autojump_
         nursery.start_soon(call, 2)
         await trio.sleep(0.01)
         await raw.receive_some()  # both requests
-        await raw.send_all(_frame(rpc.RESPONSE, {"id": 1, "body": {"n": "one"}, "bufs": []}))
+        await raw.send_all(_frame(wire.RESPONSE, {"id": 1, "body": {"n": "one"}, "bufs": []}))
     assert type(outcomes[1]) is RemoteProtocolError and "expected int, got str" in str(outcomes[1])
     assert type(outcomes[2]) is PeerUnreachable
     assert conn.stats.protocol_errors == 1 and conn.closed
@@ -234,10 +235,10 @@ async def test_invalid_answer_fails_that_call_and_drops_the_connection(autojump_
     [
         b"\x00\x00\x00\x02\x63x",  # unknown kind 99
         b"\xff\xff\xff\xff\x01",  # 4 GiB announced
-        _frame(rpc.REQUEST, {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": 1}, "bufs": [], "x": 0}),
-        _frame(rpc.REQUEST, {"id": 1, "type": "wire.nope", "v": 1, "body": {}, "bufs": []}),
-        _frame(rpc.REQUEST, {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": "1"}, "bufs": []}),
-        _frame(rpc.REQUEST, {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": 1}, "bufs": [1 << 30]}),
+        _frame(wire.REQUEST, {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": 1}, "bufs": [], "x": 0}),
+        _frame(wire.REQUEST, {"id": 1, "type": "wire.nope", "v": 1, "body": {}, "bufs": []}),
+        _frame(wire.REQUEST, {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": "1"}, "bufs": []}),
+        _frame(wire.REQUEST, {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": 1}, "bufs": [1 << 30]}),
     ],
 )
 async def test_garbage_drops_the_connection(autojump_clock, garbage):
@@ -256,7 +257,7 @@ async def test_invalid_request_is_answered_before_the_drop(autojump_clock):
     conn, raw = await _raw_peer()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
-        await raw.send_all(_frame(rpc.REQUEST, {"id": 7, "type": "wire.ping", "v": 1, "body": {}, "bufs": []}))
+        await raw.send_all(_frame(wire.REQUEST, {"id": 7, "type": "wire.ping", "v": 1, "body": {}, "bufs": []}))
         await conn.wait_closed()
     data = b""
     while chunk := await raw.receive_some():
@@ -278,6 +279,18 @@ async def test_peer_closing_fails_calls_in_flight(autojump_clock):
         with pytest.raises(PeerUnreachable, match="closed by the peer"):
             await conn.call(PING, {"nonce": 1})
     assert trio.current_time() == 1.0 and conn.closed
+
+
+async def test_a_peer_that_stops_reading_is_dropped(autojump_clock):
+    sa, sb = trio.testing.lockstep_stream_pair()  # a write blocks until the other side reads
+    config = ConnectionConfig(stall_timeout=7)
+    conn = Connection(sa, peer_id=B, handlers=HANDLERS, config=config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        with pytest.raises(PeerUnreachable, match="stalled: the peer read nothing for 7s"):
+            await conn.call(ECHO, {"n": 1}, [bytes(1 << 20)])
+        assert trio.current_time() == 7.0
+    await sb.aclose()
 
 
 def test_config_is_checked():

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossip import messages, rpc
+from gossip import messages
+from gossip import rpc_wire as wire
 from gossip.errors import LocalProtocolError, RemoteProtocolError
-from gossip.messages import Bytes, Int, Map
+from gossip.messages import Int, Map
 from gossip.rpc import (
     NEED_DATA,
     CallProtocolError,
@@ -63,7 +64,7 @@ def frame(kind: int, payload: bytes) -> bytes:
 def request_bytes(id_=1, type_="wire.ping", v=1, body=None, bufs=(), **extra) -> bytes:
     env = {"id": id_, "type": type_, "v": v, "body": {"nonce": 7} if body is None else body, "bufs": list(bufs)}
     env.update(extra)
-    return frame(rpc.REQUEST, msgpack.packb(env))
+    return frame(wire.REQUEST, msgpack.packb(env))
 
 
 # -- the wire format, byte for byte -----------------------------------------------------------------
@@ -72,9 +73,9 @@ def request_bytes(id_=1, type_="wire.ping", v=1, body=None, bufs=(), **extra) ->
 def test_ping_request_bytes_are_exactly_as_documented():
     a = RpcProtocol()
     assert a.start_call(PING, {"nonce": 7}) == 1
-    wire = drain(a)
+    sent = drain(a)
     # length 43 (kind + 42-byte map), kind 1, then {"id":1,"type":"wire.ping","v":1,"body":{"nonce":7},"bufs":[]}
-    assert wire.hex() == (
+    assert sent.hex() == (
         "0000002b01"
         "85a2696401a474797065a9776972652e70696e67a17601a4626f647981a56e6f6e636507a46275667390"
     )
@@ -187,14 +188,14 @@ def test_control_message_never_waits_behind_more_than_one_chunk():
     kinds.append(bytes(a.data_to_send())[4])
     while (d := a.data_to_send()) is not None:
         kinds.append(bytes(d)[4])
-    assert kinds == [rpc.REQUEST, rpc.REQUEST_CHUNK, rpc.REQUEST] + [rpc.REQUEST_CHUNK] * 4
+    assert kinds == [wire.REQUEST, wire.REQUEST_CHUNK, wire.REQUEST] + [wire.REQUEST_CHUNK] * 4
 
 
 def test_transfers_take_turns():
     a = RpcProtocol(RpcLimits(chunk_bytes=10))
     a.start_call(BLOB, {}, [b"1" * 30])
     a.start_call(BLOB, {}, [b"2" * 20])
-    assert bytes(a.data_to_send())[4] == rpc.REQUEST  # both headers in one write
+    assert bytes(a.data_to_send())[4] == wire.REQUEST  # both headers in one write
     ids = []
     while (d := a.data_to_send()) is not None:
         ids.append(struct.unpack("!IBQ", bytes(d)[:13])[2])
@@ -214,11 +215,11 @@ def test_cancel_before_the_header_is_sent_sends_nothing():
 def test_cancel_mid_transfer_stops_chunks_and_cancels_the_handler():
     a, b = pair(chunk_bytes=10)
     cid = a.start_call(BLOB, {}, [b"x" * 100])
-    wire = bytes(a.data_to_send()) + bytes(a.data_to_send())  # header + one chunk
-    assert events(b, wire) == []  # still assembling
+    sent = a.data_to_send() + a.data_to_send()  # header + one chunk
+    assert events(b, sent) == []  # still assembling
     a.cancel_call(cid)
     rest = drain(a)
-    assert rest == frame(rpc.CANCEL, msgpack.packb({"id": cid}))  # no further chunks
+    assert rest == frame(wire.CANCEL, msgpack.packb({"id": cid}))  # no further chunks
     assert events(b, rest) == []  # an assembling request is just dropped
     assert b.idle
 
@@ -297,18 +298,18 @@ def test_goaway_lets_calls_finish_then_reports_finished():
 
 
 @pytest.mark.parametrize(
-    "wire, match",
+    "data, match",
     [
         (frame(9, b"x"), "unknown message kind 9"),
-        (struct.pack("!IB", rpc.MAX_CONTROL_BYTES + 2, rpc.REQUEST), "outside"),
-        (struct.pack("!IBQ", rpc.CHUNK_BYTES + 10, rpc.REQUEST_CHUNK, 1), "outside"),
-        (frame(rpc.GOAWAY, b"x"), "outside"),
-        (frame(rpc.REQUEST, b"\xc1"), "invalid msgpack"),
-        (frame(rpc.REQUEST, msgpack.packb({"id": 1}) + b"\x00"), "invalid msgpack"),
-        (frame(rpc.REQUEST, msgpack.packb(msgpack.ExtType(5, b"x"))), "max_ext_len"),
-        (frame(rpc.REQUEST, b"\xc7\x00\x05"), "ext type 5 is not allowed"),  # empty ext 8
-        (frame(rpc.REQUEST, msgpack.packb([1, 2])), "expected map"),
-        (frame(rpc.REQUEST, b"\xdd\xff\xff\xff\xff"), "invalid msgpack"),  # array of 4G items
+        (struct.pack("!IB", wire.MAX_CONTROL_BYTES + 2, wire.REQUEST), "outside"),
+        (struct.pack("!IBQ", wire.CHUNK_BYTES + 10, wire.REQUEST_CHUNK, 1), "outside"),
+        (frame(wire.GOAWAY, b"x"), "outside"),
+        (frame(wire.REQUEST, b"\xc1"), "invalid msgpack"),
+        (frame(wire.REQUEST, msgpack.packb({"id": 1}) + b"\x00"), "invalid msgpack"),
+        (frame(wire.REQUEST, msgpack.packb(msgpack.ExtType(5, b"x"))), "max_ext_len"),
+        (frame(wire.REQUEST, b"\xc7\x00\x05"), "ext type 5 is not allowed"),  # empty ext 8
+        (frame(wire.REQUEST, msgpack.packb([1, 2])), "expected map"),
+        (frame(wire.REQUEST, b"\xdd\xff\xff\xff\xff"), "invalid msgpack"),  # array of 4G items
         (request_bytes(extra="x"), "unknown field 'extra'"),
         (request_bytes(id_=0), "outside"),
         (request_bytes(type_="no.such"), "unknown message type"),
@@ -319,17 +320,17 @@ def test_goaway_lets_calls_finish_then_reports_finished():
         (request_bytes(type_="test.rpc_blob", body={}, bufs=[4 << 20, 1]), "at most 4194304"),
         (request_bytes(type_="test.rpc_blob", body={}, bufs=[1, 1, 1, 1]), "4 buffers"),
         (request_bytes(id_=2) + request_bytes(id_=2), "does not increase"),
-        (frame(rpc.RESPONSE, msgpack.packb({"id": 1, "body": {}, "bufs": []})), "never made"),
-        (frame(rpc.CANCEL, msgpack.packb({"id": 3})), "never sent"),
-        (struct.pack("!IBQ", 10, rpc.REQUEST_CHUNK, 1) + b"x", "not receiving"),
-        (request_bytes(type_="test.rpc_blob", body={}, bufs=[2]) + struct.pack("!IBQ", 12, rpc.REQUEST_CHUNK, 1) + b"xyz", "only 2 left"),
-        (frame(rpc.GOAWAY, b"") + request_bytes(), "after the peer's GOAWAY"),
-        (frame(rpc.GOAWAY, b"") * 2, "second GOAWAY"),
+        (frame(wire.RESPONSE, msgpack.packb({"id": 1, "body": {}, "bufs": []})), "never made"),
+        (frame(wire.CANCEL, msgpack.packb({"id": 3})), "never sent"),
+        (struct.pack("!IBQ", 10, wire.REQUEST_CHUNK, 1) + b"x", "not receiving"),
+        (request_bytes(type_="test.rpc_blob", body={}, bufs=[2]) + struct.pack("!IBQ", 12, wire.REQUEST_CHUNK, 1) + b"xyz", "only 2 left"),
+        (frame(wire.GOAWAY, b"") + request_bytes(), "after the peer's GOAWAY"),
+        (frame(wire.GOAWAY, b"") * 2, "second GOAWAY"),
     ],
 )
-def test_hostile_messages_are_remote_protocol_errors(wire, match):
+def test_hostile_messages_are_remote_protocol_errors(data, match):
     b = RpcProtocol()
-    b.receive_data(wire)
+    b.receive_data(data)
     with pytest.raises(RemoteProtocolError, match=match):
         while b.next_event() is not NEED_DATA:
             pass
@@ -340,7 +341,7 @@ def test_hostile_messages_are_remote_protocol_errors(wire, match):
 
 def test_oversized_length_is_refused_from_the_prefix_alone():
     b = RpcProtocol()
-    b.receive_data(struct.pack("!IB", 0xFFFFFFFF, rpc.REQUEST))  # 5 bytes announce 4 GiB
+    b.receive_data(struct.pack("!IB", 0xFFFFFFFF, wire.REQUEST))  # 5 bytes announce 4 GiB
     with pytest.raises(RemoteProtocolError, match="outside"):
         b.next_event()
     assert b.buffered_bytes == 0
@@ -360,7 +361,7 @@ def test_invalid_response_fails_that_call():
     a = RpcProtocol()
     cid = a.start_call(PING, {"nonce": 1})
     drain(a)
-    a.receive_data(frame(rpc.RESPONSE, msgpack.packb({"id": cid, "body": {"nonce": True}, "bufs": []})))
+    a.receive_data(frame(wire.RESPONSE, msgpack.packb({"id": cid, "body": {"nonce": True}, "bufs": []})))
     with pytest.raises(CallProtocolError) as info:
         a.next_event()
     assert info.value.call_id == cid and "expected int, got bool" in str(info.value)
@@ -368,7 +369,7 @@ def test_invalid_response_fails_that_call():
 
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="chunk_bytes"):
-        RpcLimits(chunk_bytes=rpc.CHUNK_BYTES + 1)
+        RpcLimits(chunk_bytes=wire.CHUNK_BYTES + 1)
     with pytest.raises(ValueError, match="max_calls"):
         RpcLimits(max_calls=0)
     a = RpcProtocol(RpcLimits(max_calls=2))
@@ -387,11 +388,11 @@ def _valid_stream() -> bytes:
     a.start_call(BLOB, {"n": 2}, [b"k" * 40, b"j" * 3])
     a.start_call(PING, {"nonce": 11})
     a.start_call(BLOB, {})
-    return drain(a) + frame(rpc.CANCEL, msgpack.packb({"id": 3}))
+    return drain(a) + frame(wire.CANCEL, msgpack.packb({"id": 3}))
 
 
 VALID = _valid_stream()
-CAP = 4 + 1 + rpc.MAX_CONTROL_BYTES
+CAP = 4 + 1 + wire.MAX_CONTROL_BYTES
 
 
 def _feed_all(data: bytes, step: int) -> None:

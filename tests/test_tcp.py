@@ -14,7 +14,8 @@ import msgpack
 import pytest
 import trio
 
-from gossip import messages, rpc
+from gossip import messages
+from gossip import rpc_wire as wire
 from gossip.channel import open_secure_channel
 from gossip.errors import (
     AuthenticationError,
@@ -277,7 +278,7 @@ def _frame(kind, obj) -> bytes:
 def _request(**fields) -> bytes:
     env = {"id": 1, "type": "wire.ping", "v": 1, "body": {"nonce": 1}, "bufs": []}
     env.update(fields)
-    return _frame(rpc.REQUEST, env)
+    return _frame(wire.REQUEST, env)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +288,7 @@ def _request(**fields) -> bytes:
         (_request(body={"nonce": 1, "extra": 2}), True),  # unknown field
         (_request(body={"nonce": "1"}), True),  # wrong type
         (_request(bufs=[1 << 40]), False),  # oversized: refused by the envelope bound
-        (struct.pack("!IB", 1 << 30, rpc.REQUEST), False),  # oversized length prefix
+        (struct.pack("!IB", 1 << 30, wire.REQUEST), False),  # oversized length prefix
         (b"\x00\x00\x00\x02\x99\x00", False),  # unknown message kind
     ],
 )
@@ -326,7 +327,7 @@ async def test_invalid_response_is_a_remote_protocol_error_for_the_caller():
             tcp = await listeners[0].accept()
             s = await open_secure_channel(tcp, identity=Identity.generate(), swarm=SWARM, initiator=False)
             await s.receive_some()
-            await s.send_all(_frame(rpc.RESPONSE, {"id": 1, "body": {"nonce": -5}, "bufs": []}))
+            await s.send_all(_frame(wire.RESPONSE, {"id": 1, "body": {"nonce": -5}, "bufs": []}))
             await trio.sleep(1)
             await s.aclose()
 
