@@ -256,15 +256,18 @@ class TcpTransport(Transport):
             await self._closed.wait()
             return
         self._closing = True
-        self._listen_scope.cancel()
-        for conn in list(self._conns):
-            conn.start_drain()
-        with trio.move_on_after(self.config.close_timeout):
+        try:
+            self._listen_scope.cancel()
             for conn in list(self._conns):
-                await conn.wait_closed()
-        for conn in list(self._conns):
-            await conn.aclose()
-        self._closed.set()
+                conn.start_drain()
+            with trio.move_on_after(self.config.close_timeout):
+                for conn in list(self._conns):
+                    await conn.wait_closed()
+            async with trio.open_nursery() as nursery:  # the stragglers, all at once
+                for conn in list(self._conns):
+                    nursery.start_soon(conn.aclose)
+        finally:
+            self._closed.set()
 
     # -- what tests and metrics look at -----------------------------------------------------------
 
@@ -518,7 +521,8 @@ async def open_tcp_transport(
 
     `addresses` holds the bound addresses (port 0 resolved), or `announce` if given (e.g. a
     public address in front of a NAT). `max_connections` / `dial_timeout` override `config`.
-    Leaving the block closes the transport gracefully (`aclose`).
+    Leaving the block closes the transport gracefully (`aclose`). An exception from the block
+    comes out as itself, not wrapped in an ExceptionGroup by the transport's own nursery.
     """
     config = config or TcpConfig()
     overrides = {k: v for k, v in (("max_connections", max_connections), ("dial_timeout", dial_timeout)) if v is not None}
@@ -526,13 +530,20 @@ async def open_tcp_transport(
         config = dataclasses.replace(config, **overrides)
     for text in listen:
         parse_address(text)  # a typo fails here, with the ValueError that says how to fix it
-    async with trio.open_nursery() as nursery:
-        transport = TcpTransport(identity, swarm, config, nursery)
-        try:
-            await transport._listen(listen, announce)
-            yield transport
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(config.close_timeout + config.connection.flush_timeout + 1):
-                    await transport.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            transport = TcpTransport(identity, swarm, config, nursery)
+            try:
+                await transport._listen(listen, announce)
+                yield transport
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(config.close_timeout + config.connection.flush_timeout + 1):
+                        await transport.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Our own tasks do not raise, so a lone exception is the block's (or the bind's): give
+        # it back as it was raised. Anything more is a real group and stays one.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

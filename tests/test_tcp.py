@@ -119,6 +119,16 @@ def test_keep_new_connection_is_the_same_answer_on_both_ends():
     assert keep_new_connection(hi, lo, False, b"\x05", False, b"\x09") is False
 
 
+async def test_errors_leave_the_block_unwrapped():
+    with pytest.raises(PeerUnreachable, match="refused"):
+        async with open_tcp_transport(Identity.generate(), SWARM) as t:
+            await t.call(await free_port_address(), messages.PING.name, {"nonce": 1}, timeout=5)
+    async with open_tcp_transport(Identity.generate(), SWARM) as t:
+        with pytest.raises(OSError, match="cannot listen on"):
+            async with open_tcp_transport(Identity.generate(), SWARM, [t.addresses[0]]):
+                pass  # the port is taken
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="max_connections"):
         TcpConfig(max_connections=0)
