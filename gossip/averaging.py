@@ -141,7 +141,8 @@ class ShardReduction:
     def finalize(self) -> np.ndarray:
         """The weighted mean over the contributors so far (idempotent)."""
         if self.mean is None:
-            self.mean = (self.acc / self.total_weight).astype(np.float32)
+            np.divide(self.acc, self.total_weight, out=self.acc)
+            self.mean = self.acc.astype(np.float32)
         return self.mean
 
 

@@ -261,11 +261,14 @@ class GroupAverage:
             mean = red.finalize()
             header, bufs = await self._codec(session.codec.encode, mean, numel=mean.size)
             packed = wire.pack_header(header)
-            # Keep what the others will decode, so every member holds the same values.
-            values, problem = await self._decode(session.codec, packed, bufs, mean.size)
-            out[lo:hi] = values if problem is None else mean
             session.reply = (sorted(red.contributors), red.total_weight, packed, list(bufs))
             session.changed.fire()
+            # Keep what the others will decode, so every member holds the same values (a
+            # lossless codec decodes to the mean itself: no need to decode).
+            values, problem = mean, None
+            if not getattr(session.codec, "lossless", False):
+                values, problem = await self._decode(session.codec, packed, bufs, mean.size)
+            out[lo:hi] = values if problem is None else mean
             reports[me] = ShardReport(lo, hi, self.me, True, tuple(sorted(red.contributors)), red.total_weight)
         for report in reports:
             if report is not None and not report.averaged:
