@@ -43,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 # Flags of `join` and `local`, one per NodeConfig field: (metavar or None for a switch, help).
 _CONFIG_FLAGS: dict[str, tuple[str | None, str]] = {
     "listen": ("HOST:PORT", "address to listen on (repeatable); port 0 picks a free port [127.0.0.1:0]"),
+    "announce": ("HOST:PORT", "address peers should dial, e.g. your public IP:PORT when listening on 0.0.0.0 (repeatable)"),
     "bootstrap": ("HOST:PORT", "address of a node already in the swarm (repeatable)"),
     "swarm": ("NAME", "open swarm name: anyone who knows it can join [murmur]"),
     "swarm_key": ("FILE", "private swarm secret from `murmur swarm-key` (overrides --swarm)"),
@@ -101,7 +102,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> N
         flag = "--" + name.replace("_", "-")
         if metavar is None:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif name in ("listen", "bootstrap"):
+        elif name in ("listen", "announce", "bootstrap"):
             p.add_argument(flag, dest=name, metavar=metavar, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text)
         else:
             p.add_argument(flag, dest=name, metavar=metavar, type=_field_caster(name), default=argparse.SUPPRESS, help=help_text)
@@ -121,13 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("join", help="run one training node in a swarm")
     _add_config_flags(p)
-    p.add_argument("--announce", metavar="FILE", help=argparse.SUPPRESS)  # `murmur local`: write our address here
+    p.add_argument("--ready-file", dest="ready_file", metavar="FILE", help=argparse.SUPPRESS)  # `murmur local`: our address goes here
 
     p = sub.add_parser("local", help="run an N-node swarm on this machine (loopback) and summarise it")
     p.add_argument("--nodes", type=int, default=4, metavar="N", help="number of node processes [4]")
     p.add_argument("--workdir", metavar="DIR", help="where node checkpoints and metrics go [a new temp folder]")
     p.add_argument("--summary", metavar="PATH", help="write the per-node summary as JSON here")
-    _add_config_flags(p, skip=("listen", "bootstrap", "identity", "checkpoint_dir", "metrics"))
+    _add_config_flags(p, skip=("listen", "announce", "bootstrap", "identity", "checkpoint_dir", "metrics"))
 
     p = sub.add_parser("status", help="ask a running node how it is doing (over the secure wire)")
     p.add_argument("address", metavar="HOST:PORT", help="the node's listen address")
@@ -177,7 +178,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.checkpoint_dir is None:
         raise ValueError("murmur join needs --checkpoint-dir DIR (checkpoints, and the identity key if --identity is not given)")
-    return run_join(cfg, announce=args.announce)
+    return run_join(cfg, ready_file=args.ready_file)
 
 
 def cmd_local(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ class NodeConfig:
 
     # -- network --
     listen: tuple[str, ...] = ("127.0.0.1:0",)  # where peers reach us; port 0 = any free port
+    announce: tuple[str, ...] = ()  # addresses peers should dial, e.g. PUBLIC_IP:PORT when listening
+    #                                 on 0.0.0.0 or behind a port forward; () = the bound addresses
     bootstrap: tuple[str, ...] = ()  # addresses of nodes already in the swarm ("host:port")
     swarm: str = "murmur"  # open swarm name; its key is derived from the name (ignored with swarm_key)
     swarm_key: str | None = None  # file from `murmur swarm-key`: a private swarm, only holders can join
@@ -115,7 +117,7 @@ def _check(cfg: NodeConfig) -> None:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
     if not cfg.listen:
         raise ValueError("listen needs at least one HOST:PORT address")
-    for name in ("listen", "bootstrap"):
+    for name in ("listen", "announce", "bootstrap"):
         for addr in getattr(cfg, name):
             check_address(addr, what=name)
     if not cfg.swarm or len(cfg.swarm) > 128:
@@ -172,7 +174,7 @@ def check_address(addr: str, what: str = "address") -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 FIELD_NAMES = tuple(f.name for f in fields(NodeConfig))
-_TUPLE_FIELDS = {"listen", "bootstrap"}
+_TUPLE_FIELDS = {"listen", "announce", "bootstrap"}
 
 
 def _field_type(name: str) -> str:

@@ -152,17 +152,21 @@ async def open_swarm(
     swarm: str = "murmur",
     swarm_key: str | Path | None = None,
     identity: Identity | str | Path | None = None,
+    announce: Sequence[str] = (),
     join_timeout: float = JOIN_TIMEOUT,
     membership_config: MembershipConfig | None = None,
 ) -> AsyncIterator[AsyncSwarm]:
-    """Join a swarm from a trio program; leaving the block announces our leave."""
-    if isinstance(bootstrap, str) or isinstance(listen, str):
-        raise ValueError("bootstrap and listen are lists of 'host:port' strings, e.g. ['127.0.0.1:7447']")
-    for addr in (*listen, *bootstrap):
+    """Join a swarm from a trio program; leaving the block announces our leave.
+
+    `announce`: addresses peers should dial when they differ from `listen` (e.g. a public IP).
+    """
+    if isinstance(bootstrap, str) or isinstance(listen, str) or isinstance(announce, str):
+        raise ValueError("bootstrap, listen and announce are lists of 'host:port' strings, e.g. ['127.0.0.1:7447']")
+    for addr in (*listen, *announce, *bootstrap):
         check_address(addr)
     ident = _identity(identity)
     key = swarm_key_from(swarm, None if swarm_key is None else str(swarm_key))
-    async with open_services(ident, key, listen, bootstrap, membership_config=membership_config) as services:
+    async with open_services(ident, key, listen, bootstrap, membership_config=membership_config, announce=announce) as services:
         if bootstrap:
             await wait_for_peers(services, bootstrap, join_timeout)
         async with trio.open_nursery() as nursery:
@@ -262,6 +266,7 @@ def join(
     swarm: str = "murmur",
     swarm_key: str | Path | None = None,
     identity: Identity | str | Path | None = None,
+    announce: Sequence[str] = (),
     join_timeout: float = JOIN_TIMEOUT,
     membership_config: MembershipConfig | None = None,
 ) -> Swarm:
@@ -271,5 +276,5 @@ def join(
     """
     return Swarm(
         bootstrap=bootstrap, listen=listen, swarm=swarm, swarm_key=swarm_key, identity=identity,
-        join_timeout=join_timeout, membership_config=membership_config,
+        announce=announce, join_timeout=join_timeout, membership_config=membership_config,
     )

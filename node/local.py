@@ -2,7 +2,7 @@
 
 Each node is a real `murmur join` process (its own trio loop, TCP transport, identity and
 checkpoint folder under the work folder). Node 0 starts first and writes its address to an
-announce file; the others bootstrap from it. The parent only reads the nodes' metrics files to
+ready file; the others bootstrap from it. The parent only reads the nodes' metrics files to
 show progress, so it never slows them down. At the end (every node reached its budget, or
 Ctrl-C: each node gets SIGTERM, writes a checkpoint and leaves) it prints a per-node table and
 optionally writes the summary JSON. Every process it started is stopped on the way out, whatever
@@ -90,14 +90,14 @@ def local_config(overrides: dict[str, Any], config_path: str | None) -> NodeConf
     return build_config(values, checkpoint_dir="unused")
 
 
-def _node_argv(cfg_file: Path, announce: Path | None) -> list[str]:
+def _node_argv(cfg_file: Path, ready: Path | None) -> list[str]:
     argv = [sys.executable, "-m", "node", "join", "--config", str(cfg_file)]
-    if announce is not None:
-        argv += ["--announce", str(announce)]
+    if ready is not None:
+        argv += ["--ready-file", str(ready)]
     return argv
 
 
-def _wait_for_announce(proc: LocalProcess, path: Path, timeout: float) -> list[str]:
+def _wait_for_ready(proc: LocalProcess, path: Path, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
@@ -135,21 +135,21 @@ class _Tail:
 
 
 def _swarm_line(tails: list[_Tail], steps: int | None, started: float) -> str:
-    parts = []
+    """`[  94s] steps 219 230 227 225 /400 | eval bpb 3.49 3.50 3.51 3.50 | syncs ... | up ... down ...`"""
+    step_s, eval_s = [], []
     sent = received = done = missed = 0
-    for i, t in enumerate(tails):
+    for t in tails:
         tr = t.latest.get("final") or t.latest.get("train") or {}
         ev = t.latest.get("eval", {})
-        step = max(int(tr.get("step", 0)), int(ev.get("step", 0)))
-        bpb = ev.get("eval_bpb")
-        parts.append(f"n{i} {step}" + (f" {bpb:.2f}" if bpb is not None else ""))
+        step_s.append(str(max(int(tr.get("step", 0)), int(ev.get("step", 0)))))
+        eval_s.append("-" if ev.get("eval_bpb") is None else f"{ev['eval_bpb']:.2f}")
         sent += int(tr.get("bytes_sent", 0))
         received += int(tr.get("bytes_received", 0))
         done += int(tr.get("syncs_done", 0))
         missed += int(tr.get("syncs_missed", 0))
-    budget = f"/{steps}" if steps else ""
+    budget = f" /{steps}" if steps else ""
     return (
-        f"[{time.monotonic() - started:5.0f}s] step{budget} eval-bpb: {', '.join(parts)} | "
+        f"[{time.monotonic() - started:5.0f}s] steps {' '.join(step_s)}{budget} | eval bpb {' '.join(eval_s)} | "
         f"syncs {done} ok {missed} missed | up {human_bytes(sent)} down {human_bytes(received)}"
     )
 
@@ -185,19 +185,19 @@ def run_local(
             node_dir = root / f"node-{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
             node_cfg = build_config(
-                {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("checkpoint_dir", "metrics", "listen", "bootstrap", "identity")},
+                {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("checkpoint_dir", "metrics", "listen", "announce", "bootstrap", "identity")},
                 listen=("127.0.0.1:0",), bootstrap=bootstrap, checkpoint_dir=str(node_dir),
                 metrics=str(node_dir / "metrics.jsonl"),
             )
             cfg_file = node_dir / "node.toml"
             cfg_file.write_text(to_toml(node_cfg))
-            announce = node_dir / "address.json" if i == 0 else None
-            if announce is not None:
-                announce.unlink(missing_ok=True)
-            procs.append(LocalProcess(i, _node_argv(cfg_file, announce), node_dir / "log.txt"))
+            ready = node_dir / "address.json" if i == 0 else None
+            if ready is not None:
+                ready.unlink(missing_ok=True)
+            procs.append(LocalProcess(i, _node_argv(cfg_file, ready), node_dir / "log.txt"))
             tails.append(_Tail(node_dir / "metrics.jsonl"))
             if i == 0:
-                bootstrap = tuple(_wait_for_announce(procs[0], announce, START_TIMEOUT))
+                bootstrap = tuple(_wait_for_ready(procs[0], ready, START_TIMEOUT))
                 out.log(f"murmur local: node 0 listens on {', '.join(bootstrap)}; starting {nodes - 1} more")
         last_plain = 0.0
         while any(p.poll() is None for p in procs):

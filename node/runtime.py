@@ -123,7 +123,7 @@ class Node:
 
     # -- the run --------------------------------------------------------------------------------
 
-    async def run(self, *, handle_signals: bool = False, announce: str | None = None) -> int:
+    async def run(self, *, handle_signals: bool = False, ready_file: str | None = None) -> int:
         cfg = self.cfg
         self.identity = load_or_create_identity(cfg)
         swarm = swarm_key_from(cfg.swarm, cfg.swarm_key)
@@ -142,7 +142,7 @@ class Node:
             async with trio.open_nursery() as outer_nursery:
                 if handle_signals:
                     outer_nursery.start_soon(self._watch_signals, outer_nursery.cancel_scope)
-                await self._run_with_services(swarm, snap, announce)
+                await self._run_with_services(swarm, snap, ready_file)
                 outer_nursery.cancel_scope.cancel()
         finally:
             self.metrics.close()
@@ -159,15 +159,15 @@ class Node:
                 self.progress.log(f"murmur: {signal.Signals(signum).name}: finishing the step, writing a checkpoint, leaving")
                 self.request_stop(signal.Signals(signum).name)
 
-    async def _run_with_services(self, swarm, snap, announce: str | None) -> None:
+    async def _run_with_services(self, swarm, snap, ready_file: str | None) -> None:
         cfg = self.cfg
         async with open_services(
             self.identity, swarm, cfg.listen, cfg.bootstrap, status=self.status,
-            metadata={"algorithm": cfg.algorithm}, open_transport=self._open_transport,
+            metadata={"algorithm": cfg.algorithm}, announce=cfg.announce, open_transport=self._open_transport,
         ) as services:
             self.services = services
-            if announce:
-                write_atomic(Path(announce), json.dumps(
+            if ready_file:  # tells `murmur local` (and tests) where we listen
+                write_atomic(Path(ready_file), json.dumps(
                     {"peer_id": format_peer_id(self.identity.peer_id), "addresses": list(services.transport.addresses)}
                 ).encode())
             self.progress.log(
@@ -311,9 +311,9 @@ class Node:
             self.progress.update(status_line(st))
 
 
-def run_join(cfg: NodeConfig, announce: str | None = None) -> int:
+def run_join(cfg: NodeConfig, ready_file: str | None = None) -> int:
     """`murmur join`: run one node in this process until its budget or a signal."""
-    return trio.run(lambda: Node(cfg).run(handle_signals=True, announce=announce))
+    return trio.run(lambda: Node(cfg).run(handle_signals=True, ready_file=ready_file))
 
 
 __all__ = ["Node", "run_join", "load_or_create_identity"]

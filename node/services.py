@@ -103,15 +103,17 @@ async def open_services(
     status: Callable[[], NodeStatus] | None = None,
     membership_config: MembershipConfig | None = None,
     metadata: dict | None = None,
+    announce: Sequence[str] = (),
     open_transport: Callable[[Identity, SwarmKey, list[str]], AsyncContextManager[Transport]] | None = None,
 ) -> AsyncIterator[Services]:
-    """`open_transport(identity, swarm, listen)` defaults to the TCP transport; tests pass one
-    that runs a host on a `gossip.sim.SimNetwork` instead."""
+    """`announce`: the addresses peers should dial (default: the bound ones).
+    `open_transport(identity, swarm, listen)` defaults to the TCP transport; tests pass one that
+    runs a host on a `gossip.sim.SimNetwork` instead."""
     if open_transport is None:
         from gossip.tcp import open_tcp_transport
 
         def open_transport(identity: Identity, swarm: SwarmKey, listen: list[str]) -> AsyncContextManager[Transport]:
-            return open_tcp_transport(identity, swarm, listen=listen)
+            return open_tcp_transport(identity, swarm, listen=listen, announce=list(announce) or None)
 
     async with open_transport(identity, swarm, list(listen)) as transport:
         membership = Membership(

@@ -41,7 +41,7 @@ class Procs:
     def node(self, name: str, *extra: str, announce: bool = False) -> subprocess.Popen:
         argv = ["join", "--checkpoint-dir", str(self.tmp / name), "--listen", "127.0.0.1:0", *TINY, *extra]
         if announce:
-            argv += ["--announce", str(self.tmp / f"{name}.addr")]
+            argv += ["--ready-file", str(self.tmp / f"{name}.addr")]
         return self.start(*argv, log=f"{name}.log")
 
     def address(self, name: str, proc: subprocess.Popen, timeout: float = 60.0) -> str:
