@@ -78,14 +78,14 @@ class RequestReceived:
     request_id: int
     message_type: MessageType
     body: dict  # validated against message_type.request
-    buffers: list[bytearray]
+    buffers: list[memoryview]  # writable, format "B"
 
 
 @dataclass(frozen=True)
 class ResponseReceived:
     call_id: int
     body: dict  # validated against the call's message type
-    buffers: list[bytearray]
+    buffers: list[memoryview]  # writable, format "B"
 
 
 @dataclass(frozen=True)
