@@ -18,10 +18,9 @@ after ours by `close_timeout`, each call by the deadline its caller puts around 
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import trio
 
@@ -45,7 +44,6 @@ log = logging.getLogger("murmur.gossip.connection")
 
 MAX_HANDLER_ERROR = 500  # chars of a handler's exception text sent back (as the sim does)
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-_serial = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,6 @@ class Connection:
         self.peer_id = peer_id
         self.address = address  # an address the peer announced for itself, if any
         self.initiator = initiator  # True if we dialed
-        self.serial = next(_serial)  # creation order: a later connection has a larger serial
         self.config = config
         self.stats = stats if stats is not None else TrafficStats()
         self.label = label or peer_id.hex()[:12]
@@ -121,7 +118,7 @@ class Connection:
         self._closed = trio.Event()  # run() has returned and the stream is closed
         self._violation: RemoteProtocolError | None = None
         self._drain_by = float("inf")  # after GOAWAY: the time by which we close regardless
-        self.on_goaway: list = []  # callbacks (this connection) when the peer says GOAWAY
+        self.on_goaway: list[Callable[[Connection], None]] = []  # called when the peer says GOAWAY
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from gossip.channel import SecureStream, open_secure_channel
 from gossip.connection import Connection, ConnectionClosing, ConnectionConfig
 from gossip.errors import AuthenticationError, PeerTimeout, PeerUnreachable, RemoteProtocolError
 from gossip.frames import MAX_FRAME_PLAINTEXT
+from gossip.handshake import MAX_ADDRESSES, check_listen_address
 from gossip.identity import Identity, SwarmKey, format_peer_id
 from gossip.transport import Buffer, Handler, Reply, Request, Response, TrafficStats, Transport
 
@@ -323,6 +324,9 @@ class TcpTransport(Transport):
             self._remember(address, dial.conn.peer_id)
         except (PeerUnreachable, PeerTimeout, RemoteProtocolError) as exc:
             dial.error = exc
+        except Exception as exc:  # a bug must not take the transport down with it
+            log.exception("dialing %s failed unexpectedly", address)
+            dial.error = PeerUnreachable(f"{address}: dial failed ({type(exc).__name__}: {exc})")
         finally:
             del self._dials[address]
             dial.done.set()
@@ -394,6 +398,15 @@ class TcpTransport(Transport):
             raise
         bound = tuple(format_address(*listener.socket.getsockname()[:2]) for listener in listeners)
         self.addresses = tuple(announce) if announce is not None else bound
+        try:  # they go into every hello we send: refuse what the handshake would refuse, now
+            if len(self.addresses) > MAX_ADDRESSES:
+                raise ValueError(f"at most {MAX_ADDRESSES} addresses can be announced, not {len(self.addresses)}")
+            for address in self.addresses:
+                check_listen_address(address)
+        except ValueError:
+            for listener in listeners:
+                await listener.aclose()
+            raise
         if listeners:
             self._nursery.start_soon(self._serve, listeners)
 

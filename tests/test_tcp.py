@@ -195,6 +195,12 @@ async def test_hostname_addresses():
         assert reply.body == {"nonce": 9}
 
 
+async def test_bad_announcements_are_refused_at_open():
+    with pytest.raises(ValueError, match="port 1..65535"):
+        async with open_tcp_transport(Identity.generate(), SWARM, announce=["example.org"]):
+            pass
+
+
 async def test_announce_overrides_the_advertised_addresses():
     async with transports(1, announce=["203.0.113.5:7000"]) as (a,), transports(1) as (b,):
         assert a.addresses == ("203.0.113.5:7000",)
