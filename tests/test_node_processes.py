@@ -103,7 +103,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
 def test_three_node_swarm_survives_a_kill_and_the_node_resumes(procs, tmp_path):
     # No step budget: the test decides when the run ends (SIGTERM), so the speed of this busy
     # machine does not matter.
-    common = ["--sync-every", "10", "--eval-every", "40", "--checkpoint-every", "20"]
+    common = ["--sync-every", "10", "--eval-every", "40", "--checkpoint-every", "20", "--sync-timeout", "2"]
     a = procs.node("a", *common, announce=True)
     boot = procs.address("a", a)
     b = procs.node("b", *common, "--bootstrap", boot)
@@ -118,7 +118,7 @@ def test_three_node_swarm_survives_a_kill_and_the_node_resumes(procs, tmp_path):
     c2 = procs.node("c", *common, "--bootstrap", boot)
     def c_trained_on() -> bool:
         starts = metrics(tmp_path, "c", "start")
-        return len(starts) == 2 and step_of(tmp_path, "c") >= starts[1]["step"] + 40
+        return len(starts) == 2 and step_of(tmp_path, "c") >= starts[1]["step"] + 20
 
     wait_until(c_trained_on, 120, "c to train on after its restart", [a, b, c2])
     for p in (a, b, c2):
@@ -199,3 +199,19 @@ def test_murmur_local_runs_a_swarm_and_writes_the_summary(tmp_path):
         assert row["eval_bpb_end"] < row["eval_bpb_start"] and row["exit_code"] == 0
         assert row["bytes_sent"] > 0 and row["syncs_done"] + row["syncs_missed"] == 4
     assert "eval start" in proc.stdout and "every node's eval loss" in proc.stdout
+
+
+def test_murmur_local_ctrl_c_stops_every_node_cleanly(procs, tmp_path):
+    work = tmp_path / "swarm"
+    parent = procs.start("local", "--nodes", "2", "--duration", "600", "--sync-every", "10", *TINY,
+                         "--workdir", str(work), "--summary", str(tmp_path / "s.json"), log="local.log")
+    wait_until(lambda: all(step_of(work, f"node-{i}") >= 20 for i in range(2)), 120, "both nodes to train", [parent])
+    parent.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+    assert finish(parent, 90) == 130
+    for i in range(2):
+        final = metrics(work, f"node-{i}", "final")
+        assert len(final) == 1 and final[0]["reason"] == "SIGTERM"
+        assert CheckpointStore(work / f"node-{i}").paths()[0][0] == final[0]["step"]
+    out = parent.log_path.read_text()
+    assert "interrupted; stopping every node" in out and "Traceback" not in out
+    assert [r["exit_code"] for r in json.loads((tmp_path / "s.json").read_text())["nodes"]] == [0, 0]
