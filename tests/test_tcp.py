@@ -344,7 +344,7 @@ async def test_invalid_response_is_a_remote_protocol_error_for_the_caller():
             s = await open_secure_channel(tcp, identity=Identity.generate(), swarm=SWARM, initiator=False)
             await s.receive_some()
             await s.send_all(_frame(wire.RESPONSE, {"id": 1, "body": {"nonce": -5}, "bufs": []}))
-            await trio.sleep(1)
+            await trio.sleep(0.2)
             await s.aclose()
 
         async with trio.open_nursery() as nursery:
