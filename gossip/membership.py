@@ -76,6 +76,7 @@ class MembershipConfig:
     round_s: float = 1.0  # seconds between our shuffles
     call_timeout_s: float = 1.0  # deadline of a shuffle or join call
     probe_timeout_s: float = 0.5  # deadline of one ping; an indirect probe gets 3x (two hops)
+    sample_age_s: float = 4.0  # sample() draws from pointers younger than this (fair by in-degree)
     pings_per_round: float = 0.5  # random members pinged per round besides the shuffle (SWIM's
     # probe); a fraction pings on that share of rounds
     indirect_probes: int = 3  # peers asked to ping a peer we could not reach (SWIM's k)
@@ -100,7 +101,7 @@ class MembershipConfig:
         if not 1 <= self.shuffle_len <= self.view_size:
             raise ValueError("shuffle_len must be in [1, view_size]")
         for name in ("round_s", "call_timeout_s", "probe_timeout_s", "suspicion_s", "max_age_s",
-                     "tombstone_s", "leave_timeout_s", "gone_s"):
+                     "tombstone_s", "leave_timeout_s", "gone_s", "sample_age_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
         if self.hop_age_s < 0:
@@ -150,17 +151,19 @@ class MembershipStats:
 
 class _Entry:
     """One view slot. `heard_at` is when its peer was last heard from directly, by anyone
-    (liveness); `born` is when this pointer was made (CYCLON's age, picks shuffle targets)."""
+    (liveness); `born` is when its owner made this pointer (CYCLON's age)."""
 
-    __slots__ = ("record", "heard_at", "born", "suspect_since", "doubted_at", "given")
+    __slots__ = ("record", "heard_at", "born", "due", "suspect_since", "doubted_at", "given")
 
     def __init__(self, record: PeerRecord, heard_at: float) -> None:
         self.record = record
         self.heard_at = heard_at
-        # CYCLON's pointer age: set when this copy arrived, never refreshed by duplicates.
-        # Shuffling with the oldest *pointer* (not the least recently heard peer) is what keeps
-        # in-degrees even: a popular peer's fresher duplicates must not shield its old pointers.
+        # CYCLON's pointer age: when the owner made this pointer (injected its record), carried
+        # from hop to hop and never refreshed by duplicates. Shuffling with the oldest pointer,
+        # not the least recently heard peer, keeps in-degrees even (a popular peer's fresh
+        # duplicates must not shield its old pointers), and young pointers make sample() fair.
         self.born = heard_at
+        self.due = heard_at  # shuffle order: `born`, pushed back after a shuffle that kept it
         self.given = 0  # times handed to a joiner: bootstraps spread their copies evenly
         self.suspect_since: float | None = None  # our probes failed: not sampled, removed in time
         self.doubted_at: float | None = None  # a partner reported it gone: ping it, do not relay it
@@ -246,12 +249,28 @@ class MembershipCore:
         """Records of view members that are not suspected."""
         return [e.record for e in self.view.values() if e.suspect_since is None]
 
-    def sample(self, k: int) -> list[PeerRecord]:
-        """Up to k distinct live view members, uniformly at random (all of them if fewer)."""
+    def sample(self, k: int, now: float) -> list[PeerRecord]:
+        """Up to k distinct live view members, drawn so every swarm member is equally likely.
+
+        A partial view holds each peer in proportion to its in-degree, so a plain draw from the
+        view favours popular peers. But every peer makes exactly one new pointer to itself per
+        round (its own shuffle), and pointers keep their age as they move: the pointers younger
+        than sample_age_s number about sample_age_s / round_s per peer, whatever its in-degree.
+        We draw from those first; only if fewer than k are young do the rest come from older
+        live entries (uniformly).
+        """
         if k < 0:
             raise ValueError("sample size k must be >= 0")
-        live = self.live()
-        return self.rng.sample(live, min(k, len(live)))
+        horizon = now - self.config.sample_age_s
+        young: list[_Entry] = []
+        old: list[_Entry] = []
+        for entry in self.view.values():
+            if entry.suspect_since is None:
+                (young if entry.born >= horizon else old).append(entry)
+        if len(young) >= k:
+            return [e.record for e in self.rng.sample(young, k)]
+        picked = young + self.rng.sample(old, min(k - len(young), len(old)))
+        return [e.record for e in picked]
 
     def is_suspect(self, peer_id: bytes) -> bool:
         entry = self.view.get(peer_id)
@@ -293,7 +312,7 @@ class MembershipCore:
             if entry.heard_at < too_old:
                 expired.append((peer_id, False))
                 continue
-            if target is None or entry.born < target.born:
+            if target is None or entry.due < target.due:
                 target = entry
             if entry.doubted_at is not None:
                 reprobe.append(entry.record)
@@ -315,7 +334,7 @@ class MembershipCore:
             return RoundPlan(None, reprobe, [], revive, rejoin)
         others = [e for e in shareable if e is not target]
         picked = rng.sample(others, min(cfg.shuffle_len - 1, len(others)))
-        shuffle = ShufflePlan(target.record, [(own, 0.0)] + [(e.record, now - e.heard_at) for e in picked])
+        shuffle = ShufflePlan(target.record, [(own, 0.0)] + [(e.record, now - e.born) for e in picked])
         pings = int(cfg.pings_per_round) + (rng.random() < cfg.pings_per_round % 1)
         ping = [e.record for e in rng.sample(others, min(pings, len(others)))]
         return RoundPlan(shuffle, reprobe, ping, revive, rejoin)
@@ -324,7 +343,7 @@ class MembershipCore:
         """A shuffle with a removed peer: the same exchange, aimed at someone outside the view."""
         live = self._shareable()
         picked = self.rng.sample(live, min(self.config.shuffle_len - 1, len(live)))
-        return ShufflePlan(record, [(own, 0.0)] + [(e.record, now - e.heard_at) for e in picked])
+        return ShufflePlan(record, [(own, 0.0)] + [(e.record, now - e.born) for e in picked])
 
     def on_shuffle_reply(
         self,
@@ -351,7 +370,7 @@ class MembershipCore:
         self.merge(received, now, wall, max(rtt, self.config.hop_age_s), victims)
         kept = self.view.get(target)
         if kept is not None:
-            kept.born = now  # nothing took its slot: it counts as a fresh pointer
+            kept.due = now  # nothing took its slot: to the back of the shuffle queue
 
     def on_shuffle_request(
         self, sender: bytes, received: list[tuple[PeerRecord, float]], now: float, wall: float
@@ -361,7 +380,7 @@ class MembershipCore:
             raise RemoteProtocolError("a shuffle request must carry the caller's own record")
         live = self._shareable(exclude=sender)
         picked = self.rng.sample(live, min(self.config.shuffle_len, len(live)))
-        reply = [(e.record, now - e.heard_at) for e in picked]
+        reply = [(e.record, now - e.born) for e in picked]
         self.stats.shuffles_answered += 1
         self.merge(received, now, wall, self.config.hop_age_s, [r.peer_id for r, _ in reply], direct=sender)
         return reply
@@ -378,7 +397,7 @@ class MembershipCore:
         picked = live[: self.config.shuffle_len]
         for entry in picked:
             entry.given += 1
-        reply = [(e.record, now - e.heard_at) for e in picked]
+        reply = [(e.record, now - e.born) for e in picked]
         # The joiner takes the slot of the member handed out most: no entry of a busy
         # bootstrap's view is copied into many more joiners' views than the others.
         victims = [max(picked, key=lambda e: e.given).record.peer_id] if picked else []

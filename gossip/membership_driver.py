@@ -124,10 +124,13 @@ class Membership:
         return self._core
 
     def sample(self, k: int) -> list[PeerRecord]:
-        """k distinct live peers, uniformly at random from our view (fewer if it holds fewer)."""
+        """k distinct live peers, uniformly at random over the swarm (fewer if we know fewer).
+
+        Drawn among young pointers so a peer's in-degree does not bias it (see
+        `MembershipCore.sample`); never ourselves, never a suspect."""
         if self._left:
             return []
-        return self._core.sample(k)
+        return self._core.sample(k, trio.current_time())
 
     def live_peers(self) -> list[PeerRecord]:
         return [] if self._left else self._core.live()

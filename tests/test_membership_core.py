@@ -194,7 +194,8 @@ def test_shuffle_reply_overwrites_the_target_first_or_keeps_it_fresh():
     assert set(core.view) == {pid(2), pid(3), pid(4)}  # 4 took the target's slot
     plan = ShufflePlan(rec(3), [(rec(0), 0.0), (rec(2), 0.0)])
     core.on_shuffle_reply(plan, [], 0.05, 13.0, WALL)  # nothing came back: keep the target
-    assert core.view[pid(3)].heard_at == 13.0 and core.view[pid(3)].born == 13.0
+    kept = core.view[pid(3)]
+    assert (kept.heard_at, kept.due, kept.born) == (13.0, 13.0, 10.0)  # back of the queue, same pointer
 
 
 def test_revived_peer_is_taken_back():
@@ -237,7 +238,7 @@ def test_gone_news_makes_doubt_not_suspicion_and_spreads_until_refuted():
     fill(core, [1, 2, 3])
     core.on_gone([pid(1), pid(7), SELF.peer_id], 11.0)
     assert core.is_doubted(pid(1)) and not core.is_suspect(pid(1))
-    assert pid(1) in {r.peer_id for r in core.sample(6)}  # doubted members are still sampled
+    assert pid(1) in {r.peer_id for r in core.sample(6, 11.0)}  # doubted members are still sampled
     assert core.gone(11.0) == [pid(7), pid(1)]  # rumours, newest first; never ourselves
     assert [r.peer_id for r in core.tick(11.5, rec(0)).reprobe] == [pid(1)]
     core.heard_from(pid(1), 12.0)  # our ping got through: the rumour was wrong
@@ -261,21 +262,35 @@ def test_gone_lists_are_bounded():
     assert len(core.gone(10.5)) == MAX_GONE
 
 
-def test_sample_is_distinct_live_and_never_more_than_asked():
-    core = make_core(view_size=6)
-    fill(core, [1, 2, 3, 4, 5])
-    core.suspect(pid(5), 10.0)
-    counts = {pid(i): 0 for i in range(1, 5)}
-    for _ in range(4000):
-        picked = core.sample(2)
-        assert len(picked) == 2 and picked[0].peer_id != picked[1].peer_id
-        for r in picked:
-            counts[r.peer_id] += 1
-    assert set(counts) == {pid(i) for i in range(1, 5)}
-    assert all(1800 <= c <= 2200 for c in counts.values())  # 2000 each, +-4.5 sigma
-    assert len(core.sample(10)) == 4 and core.sample(0) == []
+def test_sample_draws_young_pointers_first_and_uniformly():
+    core = make_core(view_size=8, sample_age_s=4.0)
+    for i, age in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 5.0), (5, 6.0), (6, 0.5)]:
+        core.merge([(rec(i), age)], 10.0, WALL, 0.0, [])  # pointers born 9, 8, 7, 5, 4, 9.5
+    core.suspect(pid(6), 10.0)  # young, but a suspect: never sampled
+    young = {pid(1), pid(2), pid(3)}
+    counts = dict.fromkeys(young, 0)
+    for _ in range(3000):
+        picked = [r.peer_id for r in core.sample(2, 10.0)]
+        assert len(set(picked)) == 2 and set(picked) <= young
+        for peer in picked:
+            counts[peer] += 1
+    assert all(1860 <= c <= 2140 for c in counts.values())  # 2000 each; binomial sd 26: +-5.4 sd
+    wide = [r.peer_id for r in core.sample(5, 10.0)]
+    assert set(wide[:3]) == young and set(wide[3:]) == {pid(4), pid(5)}  # fair draws come first
+    assert len(core.sample(10, 10.0)) == 5 and core.sample(0, 10.0) == []
+    assert {r.peer_id for r in core.sample(2, 12.0)} == {pid(1), pid(2)}  # at 12 s, born >= 8 is young
     with pytest.raises(ValueError):
-        core.sample(-1)
+        core.sample(-1, 10.0)
+
+
+def test_a_shuffle_that_keeps_its_target_sends_it_to_the_back_of_the_queue():
+    core = make_core(view_size=4, shuffle_len=2)
+    for i, age in [(1, 3.0), (2, 2.0), (3, 1.0)]:
+        core.merge([(rec(i), age)], 10.0, WALL, 0.0, [])
+    plan = core.tick(10.0, rec(0)).shuffle
+    assert plan.target.peer_id == pid(1)
+    core.on_shuffle_reply(plan, [], 0.05, 10.5, WALL)  # nothing came back: 1 is kept
+    assert core.tick(11.0, rec(0)).shuffle.target.peer_id == pid(2)
 
 
 def test_entries_codec_counts_forged_and_oversized():
