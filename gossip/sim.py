@@ -34,7 +34,16 @@ from gossip.errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from gossip.transport import Buffer, Handler, Reply, Request, Response, TrafficStats, Transport
+from gossip.transport import (
+    Buffer,
+    Handler,
+    Reply,
+    Request,
+    Response,
+    TrafficStats,
+    Transport,
+    answer_ping,
+)
 
 # Bytes a real connection spends per message beyond body and buffers: frame header, AEAD tag and
 # the RPC envelope (see PROTOCOL.md). Counted so simulated byte totals match TCP closely.
@@ -168,7 +177,7 @@ class SimTransport(Transport):
         self.address = address
         self.addresses = (address,)
         self.stats = TrafficStats()
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, Handler] = {"wire.ping": answer_ping}
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self.alive = False

@@ -41,7 +41,14 @@ from gossip.errors import AuthenticationError, PeerTimeout, PeerUnreachable, Rem
 from gossip.frames import MAX_FRAME_PLAINTEXT
 from gossip.handshake import MAX_ADDRESSES, check_listen_address
 from gossip.identity import Identity, SwarmKey, format_peer_id
-from gossip.transport import Buffer, Handler, Reply, Request, Response, TrafficStats, Transport
+from gossip.transport import (
+    Buffer,
+    Handler,
+    Reply,
+    TrafficStats,
+    Transport,
+    answer_ping,
+)
 
 log = logging.getLogger("murmur.gossip.tcp")
 
@@ -222,7 +229,7 @@ class TcpTransport(Transport):
         self._listen_scope = trio.CancelScope()
         self._closing = False
         self._closed = trio.Event()
-        self.route(messages.PING.name, _answer_ping)
+        self.route(messages.PING.name, answer_ping)
 
     # -- Transport ---------------------------------------------------------------------------------
 
@@ -501,10 +508,6 @@ def _peer_ip(tcp: trio.SocketStream) -> str | None:
         return tcp.socket.getpeername()[0]
     except OSError:
         return None
-
-
-async def _answer_ping(request: Request) -> Response:
-    return Response({"nonce": request.body["nonce"]})
 
 
 def _keepalive(tcp: trio.SocketStream, idle: int) -> None:

@@ -57,6 +57,11 @@ class Reply:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+async def answer_ping(request: Request) -> Response:
+    """Every transport answers `wire.ping` (gossip.messages.PING) with the nonce it was sent."""
+    return Response({"nonce": request.body["nonce"]})
+
+
 @dataclass
 class TrafficStats:
     """Counters a node reports; bytes are what crossed the link, framing included."""

@@ -478,18 +478,12 @@ async def test_conformance_tcp():
         await conformance(a, b, await free_port_address())
 
 
-async def _pong(req):
-    return Response({"nonce": req.body["nonce"]})
-
-
 async def test_conformance_sim():
     net = SimNetwork(default_link=LinkSpec(latency=0.001))
     async with trio.open_nursery() as nursery:
         a, b = net.add_host(b"\x01" * 32), net.add_host(b"\x02" * 32)
         for h in (a, b):
             h.route(WORK.name, work)
-            # TcpTransport answers wire.ping itself; SimTransport (gossip/sim.py) does not yet.
-            h.route(messages.PING.name, _pong)
             nursery.start_soon(h.run)
         await trio.sleep(0)
         await conformance(a, b, "sim:99")
