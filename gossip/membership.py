@@ -77,7 +77,7 @@ class MembershipConfig:
     call_timeout_s: float = 1.0  # deadline of a shuffle or join call
     probe_timeout_s: float = 0.5  # deadline of one ping; an indirect probe gets 3x (two hops)
     sample_age_s: float = 4.0  # sample() draws from pointers younger than this (fair by in-degree)
-    pings_per_round: float = 0.5  # random members pinged per round besides the shuffle (SWIM's
+    pings_per_round: float = 0.25  # random members pinged per round besides the shuffle (SWIM's
     # probe); a fraction pings on that share of rounds
     indirect_probes: int = 3  # peers asked to ping a peer we could not reach (SWIM's k)
     suspicion_s: float = 3.0  # a suspect without a sign of life for this long is removed
@@ -167,10 +167,6 @@ class _Entry:
         self.given = 0  # times handed to a joiner: bootstraps spread their copies evenly
         self.suspect_since: float | None = None  # our probes failed: not sampled, removed in time
         self.doubted_at: float | None = None  # a partner reported it gone: ping it, do not relay it
-
-    @property
-    def shareable(self) -> bool:
-        return self.suspect_since is None and self.doubted_at is None
 
 
 @dataclass(frozen=True)
@@ -282,7 +278,8 @@ class MembershipCore:
 
     def _shareable(self, exclude: bytes | None = None) -> list[_Entry]:
         """Entries we pass on to others: not suspected, not doubted."""
-        return [e for pid, e in self.view.items() if e.shareable and pid != exclude]
+        return [e for pid, e in self.view.items()
+                if e.suspect_since is None and e.doubted_at is None and pid != exclude]
 
     # -- rounds ----------------------------------------------------------------------------------
 
