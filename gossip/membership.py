@@ -2,151 +2,46 @@
 
 The view follows CYCLON's enhanced shuffle (Voulgaris, Gavidia, van Steen, "CYCLON: Inexpensive
 Membership Management for Unstructured P2P Overlays", J. Netw. Syst. Manage. 2005, section 3.2):
-every round a node swaps `shuffle_len` entries with the peer it has not heard from for longest;
+every round a node swaps `shuffle_len` entries with the member behind its oldest pointer;
 received entries fill empty slots first, then the slots of entries it just sent away. Views
-stay random samples of the swarm with a narrow in-degree spread, so sampling from one's view is
-uniform over the swarm.
+stay random samples of the swarm with a narrow in-degree spread.
+
+Sampling (`sample`) is fair beyond what the view alone gives: a view holds each peer in
+proportion to its in-degree, but every peer makes exactly one new pointer to itself per round,
+so drawing among *young* pointers (younger than `sample_age_s`) picks every member equally often.
 
 Failure detection adds SWIM's machinery (Das, Gupta, Motivala, DSN 2002, sections 3-4): a shuffle
-that gets no answer is a failed direct probe; `indirect_probes` other peers are asked to ping the
-target; if none can, the target is *suspected* (no longer sampled or shuffled out) and removed
-after `suspicion_s` unless it shows a sign of life. Removed peers are tombstoned, so their old
-records cannot be gossiped back in. News of a removal spreads as a rumour on shuffles ("gone"):
-a peer that hears it only *doubts* that member (still samples it, stops relaying it) and pings
-it next round itself; only its own failed ping makes it a suspect. A liar costs a few pings.
+or a random ping that gets no answer is a failed direct probe; `indirect_probes` other peers are
+asked to ping the target; if none can, the target is *suspected* (no longer sampled or relayed)
+and removed after `suspicion_s` unless it shows a sign of life. Removed peers are tombstoned, so
+their old records cannot be gossiped back in. News of a removal spreads as a rumour on shuffles
+("gone"): a peer that hears it only *doubts* that member (still samples it, stops relaying it)
+and pings it next round itself; only its own failed ping makes it a suspect. A liar costs pings.
 
-Ages make the bound. Each entry carries how long ago anyone heard from its peer directly; relays
-pass ages on (plus a per-hop allowance for transit), so a dead peer's entries only grow older,
-everywhere. An entry older than `max_age_s` is dropped on receipt and at every round: a peer
-that died at time t is out of every view by t + max_age_s + round_s, whatever else happens.
+Ages make the bound. Each entry carries its pointer's age, the time since its peer made it;
+relays pass ages on (plus a per-hop allowance for transit), so a dead peer's entries only grow
+older, everywhere. An entry older than `max_age_s` is dropped on receipt and at every round: a
+peer that died at time t is out of every view by t + max_age_s + round_s, whatever else happens.
 
 This module does no I/O and never imports trio: `MembershipCore` is fed records, ages and times
 (`now`: a monotonic clock; `wall`: unix seconds, for record expiry) and returns decisions. The
-trio pump is `gossip.membership_driver.Membership`.
+trio pump is `gossip.membership_driver.Membership`; the wire format is `gossip.membership_wire`.
 """
-
 from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
-from gossip import messages
 from gossip.errors import RemoteProtocolError
-from gossip.messages import Bool, Bytes, Int, List, Map, Nullable, Str
-from gossip.peer_records import MAX_ADDRESS_LEN, MAX_RECORD_BYTES, SIGNATURE_LEN, PeerRecord, RecordError, decode_record
+from gossip.membership_config import MembershipConfig, MembershipStats
+from gossip.membership_wire import MAX_GONE
+from gossip.peer_records import PeerRecord
 
-MAX_ENTRIES = 64  # hard cap on records in one membership message (view_size + 1 must fit)
-MAX_GONE = 16  # peer ids a shuffle reports as recently removed
-MAX_RUMOURS = 64  # removals heard from others that we pass on
-MAX_AGE_MS = (1 << 32) - 1
+__all__ = ["MembershipConfig", "MembershipCore", "MembershipStats", "RoundPlan", "ShufflePlan", "next_seq"]
 
-_RECORD = Bytes(min_len=SIGNATURE_LEN + 1, max_len=MAX_RECORD_BYTES)
-_ENTRIES = {"records": List(_RECORD, MAX_ENTRIES), "ages": List(Int(0, MAX_AGE_MS), MAX_ENTRIES)}
-_SHUFFLE = Map({**_ENTRIES, "gone": List(Bytes(min_len=32, max_len=32), MAX_GONE)})
-
-# Message types (PROTOCOL.md, "Membership"). Entries travel as two parallel arrays: signed record
-# bytes and their ages in milliseconds; the first record of a shuffle request is the caller's own.
-# "gone" lists peers the sender removed or heard were removed lately: the receiver only doubts
-# them and probes them itself, so a lying sender costs a few pings, never a live peer.
-SHUFFLE = messages.define("membership.shuffle", 1, _SHUFFLE, _SHUFFLE)
-JOIN = messages.define("membership.join", 1, Map({"record": _RECORD}), Map(_ENTRIES))
-PING = messages.define(
-    "membership.ping",
-    1,
-    Map({"known": Int(0, (1 << 63) - 1)}),  # the callee's seq the caller holds (0: none)
-    Map({"record": Nullable(_RECORD)}),  # the callee's record if newer than `known`
-)
-PROBE = messages.define(
-    "membership.probe",
-    1,
-    Map({"target": Bytes(min_len=32, max_len=32), "address": Str(MAX_ADDRESS_LEN)}),
-    Map({"alive": Bool()}),
-)
-LEAVE = messages.define("membership.leave", 1, Map({"record": _RECORD}), Map({}))
-
-
-@dataclass(frozen=True)
-class MembershipConfig:
-    """Membership tuning. Defaults suit an internet swarm with ~1 s rounds."""
-
-    view_size: int = 20  # peers in the partial view (CYCLON's c); average in-degree is the same
-    shuffle_len: int = 8  # records swapped per shuffle (CYCLON's l), 1..view_size
-    round_s: float = 1.0  # seconds between our shuffles
-    call_timeout_s: float = 1.0  # deadline of a shuffle or join call
-    probe_timeout_s: float = 0.5  # deadline of one ping; an indirect probe gets 3x (two hops)
-    sample_age_s: float = 4.0  # sample() draws from pointers younger than this (fair by in-degree)
-    pings_per_round: float = 0.25  # random members pinged per round besides the shuffle (SWIM's
-    # probe); a fraction pings on that share of rounds
-    indirect_probes: int = 3  # peers asked to ping a peer we could not reach (SWIM's k)
-    suspicion_s: float = 3.0  # a suspect without a sign of life for this long is removed
-    max_age_s: float = 40.0  # entries nobody heard from for this long are dropped (the dead-peer bound)
-    gone_s: float = 10.0  # how long we pass on news that a peer was removed
-    hop_age_s: float = 0.1  # age added per relay hop: an upper bound on one-way delay
-    record_ttl_s: int = 3600  # lifetime of our signed record; re-signed with half of it left
-    max_clock_skew_s: int = 300  # records expiring beyond now + ttl + this are refused as forged
-    tombstone_s: float = 120.0  # how long a removed peer's old records stay refused
-    max_tombstones: int = 256  # bound on remembered removals (oldest forgotten first)
-    graveyard_size: int = 32  # removed peers kept to re-try, so a healed partition re-merges
-    revive_every: int = 4  # rounds between re-tries of one removed peer
-    rejoin_every: int = 5  # rounds between bootstrap attempts while our view is empty
-    max_bootstrap: int = 8  # bootstrap addresses called at once when joining
-    leave_timeout_s: float = 1.0  # the leave announcement never takes longer than this
-    max_inflight_probes: int = 8  # indirect probes we run for others at once
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.view_size < MAX_ENTRIES:
-            raise ValueError(f"view_size must be in [1, {MAX_ENTRIES - 1}]")
-        if not 1 <= self.shuffle_len <= self.view_size:
-            raise ValueError("shuffle_len must be in [1, view_size]")
-        for name in ("round_s", "call_timeout_s", "probe_timeout_s", "suspicion_s", "max_age_s",
-                     "tombstone_s", "leave_timeout_s", "gone_s", "sample_age_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 seconds")
-        if self.hop_age_s < 0:
-            raise ValueError("hop_age_s must be >= 0 seconds")
-        if self.max_age_s < 1.5 * self.view_size * self.round_s:
-            # A live peer's entries are refreshed about once per view_size rounds (CYCLON).
-            raise ValueError("max_age_s must be >= 1.5 * view_size * round_s, or live peers age out")
-        if type(self.record_ttl_s) is not int or self.record_ttl_s < 60:
-            raise ValueError("record_ttl_s must be an int >= 60 seconds")
-        for name in ("pings_per_round", "indirect_probes", "max_clock_skew_s", "max_tombstones",
-                     "graveyard_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        for name in ("revive_every", "rejoin_every", "max_bootstrap", "max_inflight_probes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-
-
-@dataclass
-class MembershipStats:
-    """Counters. Ignored input is counted by kind, never raised past the handler."""
-
-    rounds: int = 0  # rounds run
-    shuffles: int = 0  # our shuffles that got an answer
-    shuffle_failures: int = 0  # our shuffles that did not (each starts an indirect check)
-    shuffles_answered: int = 0  # shuffles of others we answered
-    joins_answered: int = 0  # joiners we answered as a bootstrap
-    join_failures: int = 0  # bootstrap calls of ours that failed
-    forged: int = 0  # records with a bad signature, encoding or bounds
-    stale: int = 0  # records older than what we hold, or expired
-    oversized: int = 0  # messages with more entries than the protocol allows us
-    buried: int = 0  # records of peers we removed, without news since: refused
-    too_old: int = 0  # entries nobody heard from within max_age_s: refused
-    indirect_probes: int = 0  # helpers we asked to ping a peer for us
-    probes_answered: int = 0  # pings we ran for others
-    doubted: int = 0  # members reported gone by a partner, to be pinged by us
-    suspected: int = 0  # peers we started to suspect (no direct or indirect probe reached them)
-    refuted: int = 0  # suspects that showed a sign of life in time
-    removed: int = 0  # suspects removed as dead
-    aged_out: int = 0  # view entries dropped for age
-    left: int = 0  # leave announcements accepted
-    revived: int = 0  # removed peers that answered again (a healed partition)
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+MAX_RUMOURS = 64  # removals heard from others that we pass on (oldest forgotten first)
 
 
 class _Entry:
@@ -195,32 +90,6 @@ def next_seq(previous: int, wall: float) -> int:
     +1 on top so two changes in one microsecond stay ordered.
     """
     return max(previous + 1, int(wall * 1_000_000))
-
-
-def encode_entries(entries: Sequence[tuple[PeerRecord, float]]) -> dict:
-    """The wire body of a list of (record, age seconds)."""
-    return {
-        "records": [r.blob for r, _ in entries],
-        "ages": [min(MAX_AGE_MS, max(0, int(age * 1000))) for _, age in entries],
-    }
-
-
-def decode_entries(body: dict, limit: int, stats: MembershipStats) -> list[tuple[PeerRecord, float]]:
-    """Records and ages from a checked body. Forged records are skipped and counted; more
-    than `limit` entries is an oversized message: counted and refused whole."""
-    blobs, ages = body["records"], body["ages"]
-    if len(blobs) != len(ages):
-        raise RemoteProtocolError(f"{len(blobs)} records but {len(ages)} ages")
-    if len(blobs) > limit:
-        stats.oversized += 1
-        raise RemoteProtocolError(f"{len(blobs)} records, at most {limit} allowed")
-    out = []
-    for blob, age in zip(blobs, ages):
-        try:
-            out.append((decode_record(blob), age / 1000.0))
-        except RecordError:
-            stats.forged += 1
-    return out
 
 
 class MembershipCore:

@@ -4,18 +4,17 @@ It owns the timers and the calls; every decision (whom to shuffle with, whom to 
 merge) is the core's. One round, every `round_s` seconds with a random phase per node:
 
 1. `core.tick`: drop suspects whose time is up and entries older than `max_age_s`;
-2. shuffle with the entry heard from longest ago; if it does not answer, ask `indirect_probes`
-   other peers to ping it, and if none can, suspect it;
-3. ping each suspect once more (a sign of life clears it);
-4. every `revive_every` rounds, shuffle with one removed peer (heals partitions);
-5. while the view is empty, call the bootstrap addresses again.
+2. shuffle with the member behind the oldest pointer; if it does not answer, ask
+   `indirect_probes` other members to ping it, and if none can, suspect it;
+3. beside it: ping suspects and doubted members, ping a random member (`pings_per_round`),
+   every `revive_every` rounds shuffle with one removed peer (heals partitions), and while the
+   view is empty call the bootstrap addresses again.
 
-Every call has a deadline from the config, so a round never waits on a peer for longer than
+Every call has a deadline from the config, so no task waits on a peer for longer than
 `call_timeout_s + 3 * probe_timeout_s`, and `leave()` never for longer than `leave_timeout_s`.
 Handlers answer shuffles, joins, pings, indirect probes and leave announcements; bad records
 and oversized messages are counted in `stats` and refused, never raised into the node.
 """
-
 from __future__ import annotations
 
 import random
@@ -33,20 +32,8 @@ from gossip.errors import (
     RemoteProtocolError,
 )
 from gossip.identity import Identity
-from gossip.membership import (
-    JOIN,
-    LEAVE,
-    PING,
-    PROBE,
-    SHUFFLE,
-    MembershipConfig,
-    MembershipCore,
-    MembershipStats,
-    ShufflePlan,
-    decode_entries,
-    encode_entries,
-    next_seq,
-)
+from gossip.membership import MembershipConfig, MembershipCore, MembershipStats, ShufflePlan, next_seq
+from gossip.membership_wire import JOIN, LEAVE, PING, PROBE, SHUFFLE, decode_entries, encode_entries
 from gossip.messages import MessageType
 from gossip.peer_records import PeerRecord, RecordError, check_metadata, decode_record, sign_record
 from gossip.transport import Reply, Request, Response, Transport

@@ -6,16 +6,8 @@ import pytest
 
 from gossip.errors import RemoteProtocolError
 from gossip.identity import Identity
-from gossip.membership import (
-    MAX_GONE,
-    MembershipConfig,
-    MembershipCore,
-    MembershipStats,
-    ShufflePlan,
-    decode_entries,
-    encode_entries,
-    next_seq,
-)
+from gossip.membership import MembershipConfig, MembershipCore, MembershipStats, ShufflePlan, next_seq
+from gossip.membership_wire import MAX_GONE, decode_entries, encode_entries
 from gossip.peer_records import sign_record
 
 WALL = 1_700_000_000.0

@@ -6,7 +6,8 @@ import trio
 
 from gossip.errors import LocalProtocolError, RemoteError
 from gossip.identity import Identity
-from gossip.membership import JOIN, LEAVE, SHUFFLE, MembershipConfig, encode_entries
+from gossip.membership import MembershipConfig
+from gossip.membership_wire import JOIN, LEAVE, SHUFFLE, encode_entries
 from gossip.membership_driver import Membership
 from gossip.peer_records import RECORD_DOMAIN, sign_record
 from gossip.sim import LinkSpec, SimNetwork
