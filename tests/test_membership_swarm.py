@@ -59,7 +59,7 @@ async def test_thousand_nodes_join_through_three_bootstraps(autojump_clock):
         swarm = grow(nursery, n, seed=1)
         # Uniformity: every node calls sample(1) at t = 4, 5 and 6 (3,000 draws, 3 per peer
         # expected). Pearson's X^2 = sum (O - E)^2 / E over all 1,000 peers, df = 999; refuse
-        # uniformity if X^2 exceeds the p = 0.001 critical value (1142.6).
+        # uniformity if X^2 exceeds the p = 0.001 critical value (1142.85).
         counts = {node.peer_id: 0 for node in swarm.live()}
         for t in (4.0, 5.0, 6.0):
             await trio.sleep_until(t)
