@@ -3,6 +3,8 @@
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gossip.errors import RemoteProtocolError
 from gossip.identity import Identity
@@ -331,3 +333,42 @@ def test_view_and_tables_stay_bounded():
 def test_config_refuses_nonsense_and_says_how_to_fix_it(fields, fix):
     with pytest.raises(ValueError, match=fix):
         MembershipConfig(**fields)
+
+
+POOL = [rec(i, seq=s) for i in range(1, 12) for s in (1, 2)] + [rec(i, seq=3, addresses=()) for i in (3, 4)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, len(POOL) - 1), st.floats(0, 50)), max_size=60))
+def test_random_event_sequences_keep_the_invariants(events):
+    cfg_core = make_core(view_size=5, shuffle_len=3, max_tombstones=4, graveyard_size=3)
+    now = 10.0
+    for kind, index, x in events:
+        record = POOL[index]
+        now += x / 10
+        if kind == 0:
+            cfg_core.merge([(record, x)], now, WALL, 0.1, [])
+        elif kind == 1:
+            cfg_core.tick(now, rec(0))
+        elif kind == 2:
+            cfg_core.suspect(record.peer_id, now)
+        elif kind == 3:
+            cfg_core.on_gone([record.peer_id], now)
+        elif kind == 4 and record.left:
+            cfg_core.on_leave(record, now)
+        elif kind == 5 and not record.left:
+            cfg_core.on_join(record, now, WALL)
+        elif kind == 6 and not record.left:
+            cfg_core.on_shuffle_request(record.peer_id, [(record, 0.0), (POOL[(index + 1) % len(POOL)], x)], now, WALL)
+        elif kind == 7:
+            cfg_core.heard_from(record.peer_id, now, record, WALL)
+        view = cfg_core.view
+        assert len(view) <= 5 and SELF.peer_id not in view
+        assert all(not e.record.left for e in view.values())  # leave records never enter a view
+        assert all(e.heard_at <= now and e.born <= now for e in view.values())
+        assert len(cfg_core.tombstones) <= 4 and len(cfg_core.graveyard) <= 3
+        assert not set(cfg_core.tombstones) & set(view)
+        sampled = cfg_core.sample(3, now)
+        assert len({r.peer_id for r in sampled}) == len(sampled) <= 3
+        assert all(not cfg_core.is_suspect(r.peer_id) for r in sampled)
+        assert len(cfg_core.gone(now)) <= MAX_GONE
