@@ -80,3 +80,20 @@ def test_eight_processes_one_swarm_two_crashes_one_leave(launcher):
     left_after = sum(latest_status(p)["stats"]["left"] for p in survivors)
     assert left_after > left_before  # its leave announcement arrived, not just a timeout
     assert all(latest_status(p)["stats"]["forged"] == 0 for p in survivors)
+
+
+def test_bad_flags_and_a_taken_port_are_one_line_errors():
+    import socket
+    import subprocess
+
+    bad = subprocess.run(node_argv("--bootstrap", "no-port"), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("no port; write host:port, e.g. 127.0.0.1:7000")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "node.membership_node", "--listen", f"127.0.0.1:{port}"]
+        busy = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 1 and busy.stdout == ""
+    lines = busy.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("membership_node: error:") and "in use" in lines[0]
