@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from gossip.errors import RemoteProtocolError
 from gossip.membership_config import MembershipConfig, MembershipStats

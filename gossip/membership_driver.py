@@ -20,7 +20,8 @@ from __future__ import annotations
 import random
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -55,7 +56,7 @@ class Membership:
         self,
         transport: Transport,
         identity: Identity,
-        config: MembershipConfig = MembershipConfig(),
+        config: MembershipConfig | None = None,
         bootstrap: Sequence[str] = (),
         *,
         metadata: dict[str, Any] | None = None,
@@ -70,6 +71,7 @@ class Membership:
             raise ValueError("no address to announce: listen somewhere or pass announce=[...]")
         if isinstance(bootstrap, str) or any(not isinstance(a, str) or not a for a in bootstrap):
             raise ValueError("bootstrap must be a list of address strings, e.g. ['127.0.0.1:7000']")
+        config = config if config is not None else MembershipConfig()
         self.config = config
         self._transport = transport
         self._identity = identity

@@ -7,7 +7,7 @@ machine that uses them is `gossip.membership`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from gossip import messages
 from gossip.errors import RemoteProtocolError

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import msgpack
 
@@ -51,7 +52,7 @@ MAX_META_VALUE_LEN = 64  # chars of a str value / bytes of a bytes value
 MAX_SEQ = (1 << 63) - 1
 
 _CACHE_SIZE = 1 << 14  # decoded records kept by their bytes (process-wide, LRU)
-_cache: OrderedDict[bytes, "PeerRecord"] = OrderedDict()
+_cache: OrderedDict[bytes, PeerRecord] = OrderedDict()
 
 
 class RecordError(RemoteProtocolError):
@@ -189,7 +190,7 @@ def _parse_body(blob: bytes, body: bytes) -> PeerRecord:
             max_map_len=MAX_METADATA,
             max_ext_len=0,  # ext types are refused
         )
-    except Exception as exc:  # msgpack raises several types for garbage; all mean "malformed"
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # all mean "malformed"
         why = f"{type(exc).__name__}: {exc}"[:120]
         raise RecordError(f"record body is not valid msgpack within the record bounds ({why})") from None
     if type(fields) is not dict or set(fields) != {"v", "pk", "addrs", "seq", "exp", "meta"}:

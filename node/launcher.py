@@ -30,8 +30,8 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 MAX_PIPE_LINES = 10_000  # lines of a piped child's output kept in memory (oldest dropped)
 _PR_SET_PDEATHSIG = 1

@@ -21,7 +21,8 @@ import argparse
 import json
 import signal
 import sys
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 import trio
 

@@ -6,7 +6,7 @@ Import it into a test module with `from launcher_fixture import launcher  # noqa
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -7,8 +7,8 @@ import textwrap
 import time
 
 import pytest
-
 from launcher_fixture import launcher  # noqa: F401  (the fixture)
+
 from node.launcher import Launcher
 
 PY = sys.executable

@@ -3,12 +3,13 @@ and hostile input (forged, stale, oversized) counted and ignored without harm.""
 
 import pytest
 import trio
+import trio.lowlevel
 
 from gossip.errors import LocalProtocolError, RemoteError
 from gossip.identity import Identity
 from gossip.membership import MembershipConfig
-from gossip.membership_wire import JOIN, LEAVE, SHUFFLE, encode_entries
 from gossip.membership_driver import Membership
+from gossip.membership_wire import JOIN, LEAVE, SHUFFLE, encode_entries
 from gossip.peer_records import RECORD_DOMAIN, sign_record
 from gossip.sim import LinkSpec, SimNetwork
 from gossip.sim_swarm import WALL_EPOCH, SimSwarm
@@ -128,7 +129,7 @@ async def test_forged_stale_and_oversized_messages_are_counted_and_ignored(autoj
         rogue_id = Identity.from_seed(b"r" * 32)
         rogue = net.add_host(rogue_id.peer_id)
         nursery.start_soon(rogue.run)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         stats = honest.membership.stats
         view_before = dict(honest.membership.core.view)
         wall = int(WALL_EPOCH + trio.current_time())
