@@ -65,16 +65,20 @@ class SpsaByteCodec(Codec):
         codes = alloc(n, torch.int8)
         step = min(n, CHUNK)
         convert = torch.empty(step) if flat.dtype != torch.float32 else None
-        a, sign = torch.empty(step), torch.empty(step)
+        a = torch.empty(step)
         for s, e in chunks(n, CHUNK):
             g = load_f32(flat, s, e, convert)
-            ac, sc = a[: e - s], sign[: e - s]
+            ac = a[: e - s]
             torch.abs(g, out=ac)
-            check_finite_input(0.0, float(ac.numpy().max()), self.name)  # max |g| is NaN/inf if any is
+            mag = ac.numpy()
+            check_finite_input(0.0, float(mag.max()), self.name)  # max |g| is NaN/inf if any is
+            has_zero = float(mag.min()) == 0.0
             torch.log(ac, out=ac)
-            ac.mul_(16.0).add_(64.0).round_().clamp_(1.0, 127.0)  # round(16 ln|g|) + 64, in 1..127
-            torch.sign(g, out=sc)  # 0 for g = 0 gives c = 0
-            ac.mul_(sc)
+            # round(16 ln|g|) + 64 in 1..127, with g's sign (rounded before the +64, where the
+            # float32 spacing is finer, so the rounding boundaries stay where §4 puts them)
+            ac.mul_(16.0).round_().add_(64.0).clamp_(1.0, 127.0).copysign_(g)
+            if has_zero:
+                ac.masked_fill_(g == 0, 0.0)  # c = 0 for g = 0 (log gave -inf, clamped to 1)
             codes[s:e].copy_(ac)
         return {"codec": self.name, "shape": list(shape)}, [wire_view(codes)]
 
