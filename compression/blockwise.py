@@ -15,7 +15,7 @@ block may be shorter. Each block has one float32 scale ``s``. Wire format:
 
 Scales and rounding (encoder side; the decoder only needs the formulas above):
     int8   s = max|x| / 127, q = round(x / s)        |error| <= s / 2 = max|x| / 254
-    uint4  s = max|x| / 7,   q = round(x / s) + 8    |error| <= s / 2 = max|x| / 14
+    uint4  s = max|x| / 7,   q = round(x / s) + 8    |error| <= s / 2 = max|x| / 14 (half to even)
     sign1  s = mean|x| over the block (the L2-optimal scale for a sign vector)
 A block whose max|x| is below 2**-126 * levels (1.5e-36 for int8) is sent as zeros with s = 0.
 Decoders accept 0 <= s <= FLT_MAX / 128 (int8), FLT_MAX / 8 (uint4), FLT_MAX (sign1), so every
@@ -250,15 +250,17 @@ class Uint4Codec(BlockCodec):
         torch.abs(v, out=a)
         torch.amax(a, dim=1, out=scales)
         inv, clamped = absmax_to_scales(scales, 7.0, self.scale_limit, self.name)
-        # q = floor(x / s + 8.5) = round(x / s) + 8, in 1..15: computed in float, packed in pairs.
         torch.mul(v, inv, out=a)
-        a.add_(8.5).floor_()
         if clamped:
-            a.clamp_(1, 15)
-        pairs = a.view(-1, 2)
-        packed = work.get("h", torch.float32, nb * B // 2)
+            a.clamp_(-7, 7)
+        # Adding 2**23 rounds to an integer (half to even) and leaves it in the low mantissa
+        # bits: bits(x/s + 8 + 2**23) = 0x4B000000 + q with q = round(x/s) + 8 in 1..15. The
+        # exponent part is 0 mod 256, so the low byte of bits_lo + 16 * bits_hi is the packed pair.
+        a.add_(8.0 + 2.0**23)
+        pairs = a.view(torch.int32).view(-1, 2)
+        packed = work.get("h", torch.int32, nb * B // 2)
         torch.add(pairs[:, 0], pairs[:, 1], alpha=16, out=packed)
-        codes.copy_(packed)
+        codes.copy_(packed)  # int32 -> uint8 keeps the low byte
 
     def _decode_blocks(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, work: Work) -> None:
         idx = work.get("i", torch.int32, codes.numel())

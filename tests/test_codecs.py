@@ -293,11 +293,11 @@ def test_golden_int8() -> None:
 
 
 def test_golden_uint4() -> None:
-    # block 4: [7, -3.5, 1, 0] s = 1 -> q = round-half-up(x) + 8 = 15, 5, 9, 8; block [2]: s = 2/7, q = 15
+    # block 4: [7, -3.5, 1, 0] s = 1 -> q = round-half-even(x) + 8 = 15, 4, 9, 8; block [2]: s = 2/7, q = 15
     h, b = get_codec("uint4", block=4).encode(torch.tensor([7.0, -3.5, 1.0, 0.0, 2.0]))
     assert h == {"codec": "uint4", "shape": [5], "block": 4}
     assert bytes(b[0]) == _f32(1.0, np.float32(2.0) / np.float32(7.0))
-    assert bytes(b[1]) == bytes([15 | 5 << 4, 9 | 8 << 4, 15])  # last high nibble: zero padding
+    assert bytes(b[1]) == bytes([15 | 4 << 4, 9 | 8 << 4, 15])  # last high nibble: zero padding
 
 
 def test_golden_e3m0() -> None:
