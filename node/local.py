@@ -5,16 +5,15 @@ checkpoint folder under the work folder). Node 0 starts first and writes its add
 ready file; the others bootstrap from it. The parent only reads the nodes' metrics files to
 show progress, so it never slows them down. At the end (every node reached its budget, or
 Ctrl-C: each node gets SIGTERM, writes a checkpoint and leaves) it prints a per-node table and
-optionally writes the summary JSON. Every process it started is stopped on the way out, whatever
-happens: SIGTERM, a grace period, then SIGKILL of the process group.
+optionally writes the summary JSON. Processes are started through `node.launcher.Launcher`, so
+every one of them is stopped on the way out, whatever happens (SIGTERM, a grace period, then
+SIGKILL of its process group; the kernel kills them too if this process dies).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import NodeConfig, build_config, load_toml, to_toml
+from node.launcher import Launcher, ManagedProcess
 from node.metrics import improvement, read_metrics, summary_from_records
 from node.progress import Progress, human_bytes, summary_table
 
@@ -30,53 +30,6 @@ from node.progress import Progress, human_bytes, summary_table
 LOCAL_DEFAULTS: dict[str, Any] = {"steps": 400, "eval_every": 50, "checkpoint_every": 100, "log_every": 2.0}
 START_TIMEOUT = 120.0  # seconds for node 0 to load its data and listen
 STOP_GRACE = 60.0  # seconds a node gets after SIGTERM to checkpoint and leave before SIGKILL
-
-
-class LocalProcess:
-    """One node process in its own process group, with its output in a log file."""
-
-    def __init__(self, index: int, argv: list[str], log_path: Path) -> None:
-        self.index = index
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def finish(self, deadline: float) -> int:
-        """Wait until `deadline` (time.monotonic), then SIGKILL the group. Returns the exit code."""
-        try:
-            code = self.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            code = self.proc.wait()
-        self._log.close()
-        return code
-
-
-def stop_all(procs: list[LocalProcess], grace: float) -> list[int]:
-    """SIGTERM every running node at once, give them `grace` seconds together, then SIGKILL."""
-    for p in procs:
-        p.signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    return [p.finish(deadline) for p in procs]
-
-    def tail(self, n: int = 3) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
 
 
 def local_config(overrides: dict[str, Any], config_path: str | None) -> NodeConfig:
@@ -97,15 +50,19 @@ def _node_argv(cfg_file: Path, ready: Path | None) -> list[str]:
     return argv
 
 
-def _wait_for_ready(proc: LocalProcess, path: Path, timeout: float) -> list[str]:
+def _wait_for_ready(proc: ManagedProcess, path: Path, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             return json.loads(path.read_text())["addresses"]
-        if proc.poll() is not None:
-            raise RuntimeError(f"node 0 exited with code {proc.poll()} before listening: {proc.tail()}")
+        if not proc.running:
+            raise RuntimeError(f"node 0 exited with code {proc.returncode} before listening: {_tail(proc)}")
         time.sleep(0.1)
     raise RuntimeError(f"node 0 did not start listening within {timeout:g}s (see {proc.log_path})")
+
+
+def _tail(proc: ManagedProcess) -> str:
+    return " | ".join(proc.tail(3).splitlines())
 
 
 class _Tail:
@@ -169,7 +126,8 @@ def run_local(
     root.mkdir(parents=True, exist_ok=True)
     out.log(f"murmur local: {nodes} nodes, {cfg.algorithm}, "
             + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.duration:g}s") + f", work folder {root}")
-    procs: list[LocalProcess] = []
+    launcher = Launcher(log_dir=root / "logs", stop_timeout_s=STOP_GRACE, die_with_parent=True)
+    procs: list[ManagedProcess] = []
     tails: list[_Tail] = []
     started = time.monotonic()
     interrupted = False
@@ -194,13 +152,13 @@ def run_local(
             ready = node_dir / "address.json" if i == 0 else None
             if ready is not None:
                 ready.unlink(missing_ok=True)
-            procs.append(LocalProcess(i, _node_argv(cfg_file, ready), node_dir / "log.txt"))
+            procs.append(launcher.start(_node_argv(cfg_file, ready), name=f"node-{i}"))
             tails.append(_Tail(node_dir / "metrics.jsonl"))
             if i == 0:
                 bootstrap = tuple(_wait_for_ready(procs[0], ready, START_TIMEOUT))
                 out.log(f"murmur local: node 0 listens on {', '.join(bootstrap)}; starting {nodes - 1} more")
         last_plain = 0.0
-        while any(p.poll() is None for p in procs):
+        while any(p.running for p in procs):
             time.sleep(1.0)
             for t in tails:
                 t.poll()
@@ -214,7 +172,8 @@ def run_local(
         interrupted = True
         out.log("murmur local: interrupted; stopping every node (each writes a checkpoint)")
     finally:
-        codes = stop_all(procs, STOP_GRACE)
+        codes = launcher.stop_all()  # SIGTERM: each node checkpoints and leaves; SIGKILL after the grace
+        launcher.close()
         signal.signal(signal.SIGTERM, old_term)
         out.close()
     rows = []
@@ -228,7 +187,7 @@ def run_local(
     improved = [improvement(r.get("eval_bpb_start"), r.get("eval_bpb_end")) for r in rows]
     ok = all(x is not None and x >= 0.10 for x in improved)
     print(f"{len(rows)} nodes in {wall:.0f}s; every node's eval loss at least 10% below its start: {'yes' if ok else 'no'}")
-    print(f"checkpoints, metrics and logs: {root}  (plot: murmur plot {root}/node-*/metrics.jsonl -o swarm.png)")
+    print(f"checkpoints and metrics in {root}/node-*, logs in {root}/logs  (plot: murmur plot {root}/node-*/metrics.jsonl -o swarm.png)")
     if summary:
         payload = {"nodes": rows, "algorithm": cfg.algorithm, "steps": cfg.steps, "wall_s": round(wall, 1),
                    "workdir": str(root), "all_improved_10pct": ok}
@@ -238,6 +197,6 @@ def run_local(
         return 130
     if failed:
         for i in failed:
-            print(f"murmur: error: node {i} exited with code {codes[i]}: {procs[i].tail()}", file=sys.stderr)
+            print(f"murmur: error: node {i} exited with code {codes[i]}: {_tail(procs[i])} (log: {procs[i].log_path})", file=sys.stderr)
         return 1
     return 0

@@ -174,12 +174,13 @@ class Node:
                 f"murmur: node {format_peer_id(self.identity.peer_id)[:12]} listening on {', '.join(services.transport.addresses)}"
             )
             async with trio.open_nursery() as nursery:
+                comm_nursery = await nursery.start(self._host_collectives)
                 with trio.CancelScope() as setup:
                     nursery.start_soon(self._cancel_on_stop, setup)
                     if cfg.bootstrap:
                         n = await wait_for_peers(services, cfg.bootstrap, cfg.join_timeout)
                         self.progress.log(f"murmur: joined the swarm ({n} peer{'s' if n != 1 else ''} known)")
-                    await self._build_trainer(services, nursery, snap)
+                    await self._build_trainer(services, comm_nursery, snap)
                 if self.trainer is not None and not self._stop.is_set():
                     await self._train(nursery)
                 if self.trainer is not None:
@@ -189,6 +190,15 @@ class Node:
     async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
         await self._stop.wait()
         scope.cancel()
+
+    async def _host_collectives(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The nursery the outer algorithm's collectives run in. A stop cancels them, so a
+        training thread waiting on a sync wakes at once (the sync counts as missed) and the node
+        checkpoints and leaves without waiting out the sync's deadline."""
+        async with trio.open_nursery() as comm_nursery:
+            task_status.started(comm_nursery)
+            await self._stop.wait()
+            comm_nursery.cancel_scope.cancel()
 
     async def _build_trainer(self, services: Services, nursery: trio.Nursery, snap) -> None:
         from node.trainer import LMTrainer

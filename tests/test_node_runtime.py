@@ -124,3 +124,33 @@ async def test_late_joiner_model_equals_donor_snapshot(tmp_path):
     assert records(tmp_path, "joiner", "start")[0]["step"] == sync[0]["step"]  # it trains on from there
     assert not (tmp_path / "joiner" / "state-sync").exists()  # the download folder is cleaned up
     assert records(tmp_path, "donor", "final")[-1]["reason"] == "test over"
+
+
+async def test_stop_wakes_a_step_blocked_on_a_sync(tmp_path):
+    async with trio.open_nursery() as nursery:
+        swarm = Swarm(nursery, tmp_path)
+        # b's first exchange (its round 1) would come after 10**6 steps: it never pairs with a.
+        b = swarm.node("b", sync_every=10**6)
+        # a knows b before it trains, and starts from the seed's weights (no state sync from b).
+        a = swarm.node("a", bootstrap=("sim:0",), sync_timeout=60.0, state_sync=False)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(b.run)
+            await trio.sleep(0.3)
+            inner.start_soon(a.run)
+            with trio.fail_after(30):  # a waits on its step-10 pair exchange, which b never joins
+                while not (a.trainer and a.trainer.counters.step == 10):
+                    await trio.sleep(0.05)
+            await trio.sleep(1.0)
+            assert a.trainer.counters.step == 10
+            t0 = trio.current_time()
+            a.request_stop("test stop")
+            with trio.fail_after(10):  # far less than the 60 s sync deadline
+                while records(tmp_path, "a", "final") == []:
+                    await trio.sleep(0.05)
+            stopped_in = trio.current_time() - t0
+            b.request_stop("test over")
+        nursery.cancel_scope.cancel()
+    final = records(tmp_path, "a", "final")[-1]
+    assert final["reason"] == "test stop" and final["syncs_missed"] == 1 and final["syncs_done"] == 0
+    assert stopped_in < 5.0
+    assert CheckpointStore(tmp_path / "a").paths()[0][0] == final["step"]
