@@ -83,7 +83,6 @@ def main() -> None:
     codecs = {name: get_codec(name) for name in names}
 
     dst = torch.empty_like(gauss)
-    memcpy = enc = dec = None
     enc = {name: float("inf") for name in names}
     dec = dict(enc)
     memcpy, naive_enc, naive_dec = float("inf"), float("inf"), float("inf")
