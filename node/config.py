@@ -32,6 +32,7 @@ class NodeConfig:
     swarm_key: str | None = None  # file from `murmur swarm-key`: a private swarm, only holders can join
     identity: str | None = None  # key file from `murmur keygen`; default <checkpoint_dir>/identity.key
     join_timeout: float = 20.0  # seconds to reach a first peer through the bootstrap addresses
+    min_peers: int = 0  # before training, wait (up to join_timeout) until this many peers are known
     # -- algorithm --
     algorithm: str = "noloco"  # noloco | diloco | streaming-diloco
     sync_every: int = 50  # H: inner steps between outer syncs
@@ -135,6 +136,8 @@ def _check(cfg: NodeConfig) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {cfg.steps!r}")
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"d-model ({cfg.d_model}) must be a multiple of n-head ({cfg.n_head})")
+    if isinstance(cfg.min_peers, bool) or not isinstance(cfg.min_peers, int) or cfg.min_peers < 0:
+        raise ValueError(f"min-peers must be an integer >= 0, got {cfg.min_peers!r}")
     if cfg.warmup < 0 or cfg.seed < 0:
         raise ValueError("warmup and seed must be >= 0")
     if not 0.0 <= cfg.weight_decay < 1.0:

@@ -146,6 +146,9 @@ def run_local(
                 {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("checkpoint_dir", "metrics", "listen", "announce", "bootstrap", "identity")},
                 listen=("127.0.0.1:0",), bootstrap=bootstrap, checkpoint_dir=str(node_dir),
                 metrics=str(node_dir / "metrics.jsonl"),
+                # Start together: every node waits for the swarm (as much of it as a partial
+                # membership view holds) before its first step.
+                min_peers=cfg.min_peers or min(nodes - 1, 16), join_timeout=max(cfg.join_timeout, START_TIMEOUT),
             )
             cfg_file = node_dir / "node.toml"
             cfg_file.write_text(to_toml(node_cfg))

@@ -180,12 +180,23 @@ class Node:
                     if cfg.bootstrap:
                         n = await wait_for_peers(services, cfg.bootstrap, cfg.join_timeout)
                         self.progress.log(f"murmur: joined the swarm ({n} peer{'s' if n != 1 else ''} known)")
+                    if cfg.min_peers:
+                        await self._wait_for_swarm(services, cfg.min_peers, cfg.join_timeout)
                     await self._build_trainer(services, comm_nursery, snap)
                 if self.trainer is not None and not self._stop.is_set():
                     await self._train(nursery)
                 if self.trainer is not None:
                     await self._finish()
                 nursery.cancel_scope.cancel()
+
+    async def _wait_for_swarm(self, services: Services, n: int, timeout: float) -> None:
+        """A start barrier: wait until `n` peers are known (e.g. `murmur local` starting together)."""
+        with trio.move_on_after(timeout):
+            while len(services.membership.live_peers()) < n:
+                await trio.sleep(0.1)
+        have = len(services.membership.live_peers())
+        if have < n:
+            self.progress.log(f"murmur: {have} of {n} peers after {timeout:g}s; training anyway")
 
     async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
         await self._stop.wait()
