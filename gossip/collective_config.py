@@ -51,6 +51,8 @@ class StaticPeers:
 
 @dataclass(frozen=True)
 class CollectivesConfig:
+    """Timing and bounds of both collectives; every field is checked at construction."""
+
     matchmaking_window: float = 5.0  # s from the first member's arrival until the leader seals (capped at timeout/2)
     join_slack: float = 1.0  # s a follower waits for the seal beyond the window (network delays, redirects)
     hello_timeout: float = 2.0  # s to wait for each avg.hello answer

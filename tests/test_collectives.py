@@ -476,3 +476,14 @@ async def test_partner_dying_before_the_commit_means_no_pair(autojump_clock):
     assert set(results) == {0}
     assert results[0][0] == {0: None}
     assert swarm.cols[0].pairing.stats.uncertain == 1  # it cannot know the commit did not land
+
+
+@pytest.mark.parametrize("bad", [
+    {"matchmaking_window": 0}, {"join_slack": float("inf")}, {"max_group": 1}, {"max_group": 257},
+    {"max_keys": 0}, {"part_wait": 1.0}, {"pair_retry_delay": -1}, {"offload_numel": -1},
+])
+def test_config_refuses_nonsense(bad):
+    with pytest.raises(ValueError):
+        CollectivesConfig(**bad)
+    with pytest.raises(ValueError):
+        Collectives(SimNetwork().add_host(pid(0)), object())  # not a PeerSource
