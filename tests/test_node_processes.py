@@ -104,11 +104,12 @@ def test_three_node_swarm_survives_a_kill_and_the_node_resumes(procs, tmp_path):
     # No step budget: the test decides when the run ends (SIGTERM), so the speed of this busy
     # machine does not matter.
     common = ["--sync-every", "10", "--eval-every", "40", "--checkpoint-every", "20", "--sync-timeout", "2"]
-    a = procs.node("a", *common, announce=True)
+    a = procs.node("a", *common, "--min-peers", "2", "--join-timeout", "60", announce=True)  # all start at step 0
     boot = procs.address("a", a)
-    b = procs.node("b", *common, "--bootstrap", boot)
+    b = procs.node("b", *common, "--bootstrap", boot, "--min-peers", "2", "--join-timeout", "60")
     c = procs.node("c", *common, "--bootstrap", boot)
     wait_until(lambda: CheckpointStore(tmp_path / "c").paths(), 120, "c's first checkpoint", [a, b, c])
+    assert metrics(tmp_path, "c", "start")[0]["step"] == 0
     os.killpg(c.pid, signal.SIGKILL)
     c.wait()
     saved = CheckpointStore(tmp_path / "c").paths()[0][0]

@@ -53,7 +53,8 @@ def records(tmp_path, name, event=None):
 async def test_two_nodes_train_sync_and_checkpoint(tmp_path):
     async with trio.open_nursery() as nursery:
         swarm = Swarm(nursery, tmp_path)
-        a, b = swarm.node("a", steps=40), swarm.node("b", steps=40, bootstrap=("sim:0",))
+        # a waits for b before its first step (a start barrier), so both train from step 0.
+        a, b = swarm.node("a", steps=40, min_peers=1), swarm.node("b", steps=40, bootstrap=("sim:0",))
         async with trio.open_nursery() as inner:
             inner.start_soon(a.run)
             await trio.sleep(0.3)
