@@ -51,7 +51,7 @@ _CONFIG_FLAGS: dict[str, tuple[str | None, str]] = {
     "join_timeout": ("S", "seconds to reach a first peer through --bootstrap before giving up [20]"),
     "min_peers": ("N", "wait (up to --join-timeout) until N peers are known before training [0]"),
     "algorithm": ("NAME", f"outer algorithm: {', '.join(ALGORITHMS)} [noloco]"),
-    "sync_every": ("H", "inner steps between outer syncs [50]"),
+    "sync_every": ("H", "inner steps between outer syncs [noloco 50, diloco 100, streaming-diloco 100]"),
     "outer_lr": ("LR", "outer learning rate [the algorithm's default]"),
     "outer_momentum": ("M", "outer momentum [the algorithm's default]"),
     "codec": ("NAME", "payload codec: fp32, bf16, e3m0, ... [the algorithm's default]"),

@@ -121,6 +121,9 @@ def run_local(
     progress: Progress | None = None,
 ) -> int:
     cfg = local_config(overrides, config_path)
+    from node.trainer import check_algorithm
+
+    check_algorithm(cfg)  # a setting the algorithm refuses fails once, here, not in N processes
     out = progress or Progress(sys.stderr)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="murmur-local-"))
     root.mkdir(parents=True, exist_ok=True)

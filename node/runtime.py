@@ -37,6 +37,7 @@ from node.metrics import MetricsWriter, NodeStatus, RateMeter
 from node.progress import Progress, status_line
 from node.services import Services, open_services, swarm_key_from, wait_for_peers
 from node.state_sync import ChunkStore, StateSyncError, fetch_state, make_manifest
+from node.trainer import check_algorithm
 
 log = logging.getLogger("murmur.node")
 
@@ -127,7 +128,9 @@ class Node:
         cfg = self.cfg
         self.identity = load_or_create_identity(cfg)
         swarm = swarm_key_from(cfg.swarm, cfg.swarm_key)
-        await trio.to_thread.run_sync(load_corpus, cfg.data)  # a bad --data fails before any socket opens
+        # A bad --data or algorithm setting fails here, before any socket opens.
+        await trio.to_thread.run_sync(load_corpus, cfg.data)
+        await trio.to_thread.run_sync(check_algorithm, cfg)
         snap = await trio.to_thread.run_sync(self.store.load_latest)
         for path, why in self.store.refused:
             self.progress.log(f"murmur: {why}; using the previous checkpoint")
@@ -226,7 +229,7 @@ class Node:
             # A late joiner takes any trained state; a restarted node only catches up when the
             # swarm is more than one outer round ahead (its syncs would never find a partner
             # of its round, and DiLoCo-style "healing" loads the group's state the same way).
-            behind = trainer.counters.step + cfg.sync_every if snap is not None else 0
+            behind = trainer.counters.step + cfg.h if snap is not None else 0
             await self._state_sync(services, trainer, min_step=behind)
         self.trainer = trainer
         self._tokens_at_start = trainer.counters.tokens

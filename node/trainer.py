@@ -26,6 +26,17 @@ from optimizers.factory import make_outer
 LN2 = math.log(2.0)
 
 
+def check_algorithm(cfg: NodeConfig) -> None:
+    """Build the model and the outer algorithm once, offline, so a setting they refuse (e.g. more
+    fragments than the model has blocks) is a ValueError before any socket opens."""
+    from optimizers.comm import LocalGroup
+
+    lm = LMConfig(context=cfg.context, d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head)
+    model = build_model(lm, cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    make_outer(cfg.algorithm, model, opt, LocalGroup(1).comm(0), **cfg.algorithm_options())
+
+
 def data_rank(peer_id: bytes) -> int:
     """Which data stream a node reads: a pure function of its peer id, so a restart continues it."""
     return int.from_bytes(hashlib.sha256(b"murmur/v1 data rank\x00" + peer_id).digest()[:4], "big")

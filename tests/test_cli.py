@@ -85,6 +85,8 @@ def test_swarm_key_file(capsys, tmp_path):
     (["join", "--checkpoint-dir", "{tmp}/c", "--identity", "{tmp}/missing.key"], 1, "missing.key: no such file"),
     (["join", "--checkpoint-dir", "{tmp}/c", "--swarm-key", "{tmp}/missing.swarm"], 1, "missing.swarm: no such file"),
     (["join", "--checkpoint-dir", "{tmp}/c", "--data", "{tmp}/missing.txt"], 1, "does not exist"),
+    (["join", "--checkpoint-dir", "{tmp}/c", "--algorithm", "streaming-diloco", "--n-layer", "2"], 1, "use at most 3 fragments"),
+    (["local", "--algorithm", "streaming-diloco", "--sync-every", "30"], 1, "fragments (4) must divide sync_every (30)"),
     (["local", "--nodes", "0"], 1, "--nodes must be between 1 and 64"),
     (["plot", "{tmp}/missing.jsonl", "-o", "{tmp}/x.png"], 1, "does not exist"),
     (["status", "localhost"], 1, "malformed address 'localhost'"),
