@@ -63,7 +63,8 @@ class CollectivesConfig:
     pair_hold_timeout: float = 5.0  # s an acceptor waits for its initiator's next message
     pair_call_timeout: float = 5.0  # s per pairing RPC (also capped by the deadline)
     pair_retry_delay: float = 0.1  # s; after a refusal we pause uniform(0, this) before proposing again
-    pair_sample: int = 16  # peers sampled per proposal attempt
+    pair_sample: int = 4  # peers sampled per proposal attempt; membership keeps sample(k) fair
+    # across the swarm only for small k (about sample_age_s / round_s), so keep this small
     offload_numel: int = 1 << 18  # codec work on more values than this runs in a worker thread
 
     def __post_init__(self) -> None:
