@@ -85,7 +85,8 @@ class SimNetwork:
         self.rng = random.Random(seed)
         self.default_link = default_link
         self._link_specs: dict[tuple[str, str], LinkSpec] = {}
-        self._links: dict[tuple[str, str], _Link] = {}
+        self._links: dict[tuple[str, str], _Link] = {}  # directed links in use (pruned when idle)
+        self._prune_at = 1024
         self._hosts: dict[str, SimTransport] = {}
         self._side: dict[str, int] = {}  # address -> partition side; empty = no partition
         self._next = 0
@@ -139,8 +140,18 @@ class SimNetwork:
     def _link(self, a: str, b: str) -> _Link:
         link = self._links.get((a, b))
         if link is None:
+            if len(self._links) >= self._prune_at:
+                self._prune_idle_links()
             link = self._links[(a, b)] = _Link(self._link_specs.get((a, b), self.default_link))
         return link
+
+    def _prune_idle_links(self) -> None:
+        """Forget links with nothing in flight: their state is only `busy_until`, and a link
+        created afresh behaves the same once that time has passed. Keeps memory proportional
+        to the links in use, not to every pair of hosts that ever talked."""
+        now = trio.current_time()
+        self._links = {k: v for k, v in self._links.items() if v.busy_until > now}
+        self._prune_at = max(1024, 2 * len(self._links))
 
     def _transit_time(self, a: str, b: str, nbytes: int) -> float | None:
         """Seconds until a message sent now from a arrives at b, or None if it is lost."""

@@ -160,3 +160,16 @@ def test_link_spec_rejects_nonsense():
         LinkSpec(loss=1.5)
     assert math.isinf(LinkSpec(bandwidth=math.inf).bandwidth)
     assert FRAME_OVERHEAD > 0
+
+
+async def test_idle_links_are_forgotten(autojump_clock):
+    net = SimNetwork(default_link=LinkSpec(latency=0.001, bandwidth=1e9))
+    async with trio.open_nursery() as nursery:
+        hosts = await start(nursery, net, 50)
+        for a in hosts:
+            for b in hosts:
+                if a is not b:
+                    await a.call(b.address, "test.echo", {"n": 1}, timeout=1)
+        # 50 * 49 * 2 directed links were used, one at a time; only the recent ones are kept.
+        assert len(net._links) < 1024 + 2
+        nursery.cancel_scope.cancel()
