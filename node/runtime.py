@@ -36,7 +36,8 @@ from node.lm_task import load_corpus
 from node.metrics import MetricsWriter, NodeStatus, RateMeter
 from node.progress import Progress, status_line
 from node.services import Services, open_services, swarm_key_from, wait_for_peers
-from node.state_sync import ChunkStore, StateSyncError, fetch_state, make_manifest
+from node.state_sync import ChunkStore, StateSyncError, make_manifest
+from node.state_transfer import fetch_state
 from node.trainer import check_algorithm
 
 log = logging.getLogger("murmur.node")

@@ -25,7 +25,7 @@ from gossip.membership_driver import Membership
 from gossip.messages import Float, Int, Map, Nullable, Str
 from gossip.transport import Request, Response, Transport
 from node.metrics import NodeStatus
-from node.state_sync import StateServer
+from node.state_transfer import StateServer
 
 _COUNT = Int(0, (1 << 63) - 1)
 _MAYBE = Nullable(Float())

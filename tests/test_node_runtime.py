@@ -14,35 +14,41 @@ from node.metrics import read_metrics, summary_from_records
 from node.progress import Progress
 from node.runtime import Node
 
-TINY = dict(d_model=16, n_layer=1, n_head=2, context=16, batch_size=2, eval_seqs=4, warmup=2, sync_timeout=1.0,
+TINY = dict(d_model=16, n_layer=1, n_head=2, context=16, batch_size=2, eval_seqs=4, warmup=2, sync_timeout=5.0,
             sync_every=10, eval_every=10, checkpoint_every=20, log_every=0.2)
 
 
 class Swarm:
-    """Nodes on one SimNetwork; each node's transport is a sim host added when it starts."""
+    """Nodes on one SimNetwork. Node k (in order of `node()` calls) gets address sim:k, whatever
+    order the nodes reach their transports in, so a bootstrap of "sim:0" means the first node."""
 
     def __init__(self, nursery, tmp_path):
         self.net = SimNetwork(seed=0, default_link=LinkSpec(latency=0.001))
         self.nursery = nursery
         self.tmp = tmp_path
         self.out = io.StringIO()
+        self.addresses: dict[str, str] = {}
 
-    def factory(self, identity, swarm, listen):
-        @asynccontextmanager
-        async def cm():
-            host = self.net.add_host(identity.peer_id)
-            self.nursery.start_soon(host.run)
-            await trio.sleep(0)
-            try:
-                yield host
-            finally:
-                await host.aclose()
+    def factory(self, address):
+        def open_transport(identity, swarm, listen):
+            @asynccontextmanager
+            async def cm():
+                host = self.net.add_host(identity.peer_id, address)
+                self.nursery.start_soon(host.run)
+                await trio.sleep(0)
+                try:
+                    yield host
+                finally:
+                    await host.aclose()
 
-        return cm()
+            return cm()
+
+        return open_transport
 
     def node(self, name, **kw) -> Node:
+        address = self.addresses.setdefault(name, f"sim:{len(self.addresses)}")
         cfg = NodeConfig(**{**TINY, "checkpoint_dir": str(self.tmp / name), **kw})
-        return Node(cfg, Progress(self.out, live=False), open_transport=self.factory)
+        return Node(cfg, Progress(self.out, live=False), open_transport=self.factory(address))
 
 
 def records(tmp_path, name, event=None):

@@ -16,13 +16,12 @@ from node.state_sync import (
     Download,
     Manifest,
     Offer,
-    StateServer,
     StateSyncError,
     choose_offer,
-    fetch_state,
     make_manifest,
     pick_chunk_size,
 )
+from node.state_transfer import StateServer, fetch_state
 from gossip.errors import RemoteProtocolError
 
 TINY = LMConfig(context=16, d_model=16, n_layer=1, n_head=2)
