@@ -63,7 +63,7 @@ _CONFIG_FLAGS: dict[str, tuple[str | None, str]] = {
     "data": ("PATH", "text file or folder to train on [the Python standard library's .py files]"),
     "seed": ("N", "model-init seed; every node of a swarm must use the same [0]"),
     "d_model": ("N", "model width [128]"),
-    "n_layer": ("N", "transformer blocks [4]"),
+    "n_layer": ("N", "transformer blocks [6]"),
     "n_head": ("N", "attention heads [4]"),
     "context": ("N", "bytes per training sequence [128]"),
     "batch_size": ("N", "sequences per inner step [8]"),

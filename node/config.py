@@ -52,7 +52,7 @@ class NodeConfig:
     data: str | None = None  # text file or folder; None = the Python standard library's .py files
     seed: int = 0  # model-init seed: every node of one swarm must use the same one
     d_model: int = 128  # transformer width
-    n_layer: int = 4  # transformer blocks
+    n_layer: int = 6  # transformer blocks (6 x 128 = 1.23M parameters, node/lm_task.LMConfig's default)
     n_head: int = 4  # attention heads (must divide d_model)
     context: int = 128  # bytes per training sequence
     batch_size: int = 8  # sequences per inner step
