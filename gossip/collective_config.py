@@ -63,6 +63,9 @@ class CollectivesConfig:
     pair_hold_timeout: float = 5.0  # s an acceptor waits for its initiator's next message
     pair_call_timeout: float = 5.0  # s per pairing RPC (also capped by the deadline)
     pair_retry_delay: float = 0.1  # s; after a refusal we pause uniform(0, this) before proposing again
+    pair_patience: float = 5.0  # s we keep proposing to a random peer not yet in the round
+    # (capped at timeout/4) rather than pairing with whoever arrives next, which keeps nodes
+    # running in step from meeting the same partner every round (see gossip.pairing)
     pair_sample: int = 4  # peers sampled per proposal attempt; membership keeps sample(k) fair
     # across the swarm only for small k (about sample_age_s / round_s), so keep this small
     offload_numel: int = 1 << 18  # codec work on more values than this runs in a worker thread
@@ -80,6 +83,8 @@ class CollectivesConfig:
             raise ValueError("part_wait must be in (0, 1): the rest of the budget carries the replies")
         if not self.pair_retry_delay >= 0:
             raise ValueError("pair_retry_delay must be >= 0 seconds")
+        if not (math.isfinite(self.pair_patience) and self.pair_patience >= 0):
+            raise ValueError("pair_patience must be a finite number of seconds >= 0 (0: next peer at once)")
         if self.offload_numel < 0:
             raise ValueError("offload_numel must be >= 0 (0 offloads all codec work)")
 

@@ -33,6 +33,7 @@ class PairExchange:
         self.rng = rng
         self.me = transport.peer_id
         self.core = PairingCore(self.me, config.pair_hold_timeout)
+        self._target_records: dict[bytes, PeerRecordLike] = {}  # the record of the core's target
         self.changed = Signal()
 
     def routes(self) -> list[tuple[str, Handler]]:
@@ -57,7 +58,7 @@ class PairExchange:
         wire.check_pair_buffers(ours.buffers)
         deadline = trio.current_time() + timeout
         core = self.core
-        core.start(round, ours)
+        core.start(round, ours, min(self.config.pair_patience, timeout / 4))
         self.changed.fire()
         try:
             while not core.done and trio.current_time() < deadline:
@@ -78,8 +79,13 @@ class PairExchange:
         if core.phase is Phase.HOLDING:  # someone proposed to us: wait for its swap and commit
             await self.changed.wait(min(deadline, core.hold_until))
             return
-        records = {r.peer_id: r for r in self.peers.sample(self.config.pair_sample) if r.addresses}
-        peer = choose_partner(list(records), self.me, core.refused, self.rng)
+        target = core.waiting_for(now)
+        if target is not None and target in self._target_records:
+            peer, records = target, self._target_records
+        else:
+            records = {r.peer_id: r for r in self.peers.sample(self.config.pair_sample) if r.addresses}
+            peer = choose_partner(list(records), self.me, core.refused, self.rng)
+            self._target_records = {peer: records[peer]} if peer is not None else {}
         if peer is not None:
             await self._initiate(records[peer], round, deadline)
         if core.phase is Phase.OPEN:
@@ -88,14 +94,14 @@ class PairExchange:
 
     async def _initiate(self, record: PeerRecordLike, round: int, deadline: float) -> None:
         core, peer = self.core, record.peer_id
-        if not core.begin_proposal(peer):
+        if not core.begin_proposal(peer, trio.current_time()):
             return
         address = record.addresses[0]
         sent = trio.current_time()
         reply = await self._pair_call(address, peer, wire.PAIR_PROPOSE.name, {"round": round}, (), deadline)
         rtt = trio.current_time() - sent  # of a small message: what the commit will take
         decision = Decision(reply.body["ok"], reply.body["reason"]) if reply else None
-        if not core.proposal_answered(peer, decision):
+        if not core.proposal_answered(peer, decision, trio.current_time()):
             return
         assert core.ours is not None
         body = {"round": round, "body": core.ours.packed_body}

@@ -25,6 +25,14 @@ Conflicts resolve deterministically:
   id wins. The higher node accepts it; the lower node refuses the other one with "crossed".
 - An acceptor waits for the initiator's next message at most `hold_timeout`, then is open again;
   a commit arriving after that is refused, so the initiator does not use the payload either.
+
+A random partner, not the next to arrive: the peer we propose to is our *target*. If it has not
+reached the round yet ("not_ready") we keep proposing to it for up to `patience` seconds
+(accepting anyone's proposal meanwhile) instead of moving on at once. Moving on at once pairs
+nodes in order of arrival: the first two to reach a round pair, then the next two; and since a
+pair resumes training at the same moment, it reaches the next round together and pairs again,
+so a swarm running in step splits into pairs that never mix. Any other refusal (busy, paired,
+crossed), or patience running out, makes us pick another target.
 """
 
 from __future__ import annotations
@@ -130,18 +138,25 @@ class PairingCore:
         self.ours: Payload | None = None  # our payload for this round
         self.theirs: Payload | None = None  # the partner's payload, once swapped
         self.hold_until = 0.0  # acceptor: when we give up on `partner`
+        self.patience = 0.0  # seconds we wait for a target that has not reached the round yet
+        self.target: bytes | None = None  # the peer we propose to until it pairs or refuses
+        self.target_until = 0.0  # when we stop waiting for `target`
         self.refused: set[bytes] = set()  # peers that refused us this round
         self._history: OrderedDict[int, bytes] = OrderedDict()  # round -> committed partner
 
     # -- our own round ------------------------------------------------------------------------
 
-    def start(self, round: int, ours: Payload) -> None:
+    def start(self, round: int, ours: Payload, patience: float = 0.0) -> None:
+        """Enter `round`; `patience`: how long we wait for a target not yet in the round."""
+        if not patience >= 0:
+            raise ValueError(f"patience must be >= 0 seconds, got {patience!r}")
         if self.phase is not Phase.IDLE:
             raise LocalProtocolError(f"pair_exchange for round {self.round} is still running")
         if round in self._history:
             raise LocalProtocolError(f"round {round} was already paired; use a new round number")
         self.round, self.phase, self.ours = round, Phase.OPEN, ours
         self.partner, self.theirs = None, None
+        self.patience, self.target = patience, None
         self.refused = set()
 
     def finish(self) -> tuple[bytes, Payload] | None:
@@ -153,7 +168,7 @@ class PairingCore:
             self.stats.paired += 1
         else:
             self.stats.unpaired += 1
-        self.round, self.phase, self.partner = None, Phase.IDLE, None
+        self.round, self.phase, self.partner, self.target = None, Phase.IDLE, None, None
         self.ours = self.theirs = None
         self.refused = set()
         return result
@@ -164,21 +179,34 @@ class PairingCore:
 
     # -- initiator side -----------------------------------------------------------------------
 
-    def begin_proposal(self, peer: bytes) -> bool:
+    def waiting_for(self, now: float) -> bytes | None:
+        """The target we keep proposing to (it had not reached the round), or None: choose one."""
+        if self.target is not None and now < self.target_until:
+            return self.target
+        return None
+
+    def begin_proposal(self, peer: bytes, now: float = 0.0) -> bool:
         """Start proposing to `peer`; False if we are no longer open (someone paired with us)."""
         if self.phase is not Phase.OPEN or peer == self.me:
             return False
+        if peer != self.target:  # a new target: our patience with it starts now
+            self.target, self.target_until = peer, now + self.patience
         self.phase, self.partner = Phase.PROPOSING, peer
         return True
 
-    def proposal_answered(self, peer: bytes, decision: Decision | None) -> bool:
+    def proposal_answered(self, peer: bytes, decision: Decision | None, now: float = 0.0) -> bool:
         """Our proposal to `peer` got `decision` (None: no answer). True if we go on to swap."""
         if self.phase is not Phase.PROPOSING or self.partner != peer:
             return False  # a crossing proposal made us an acceptor meanwhile: ignore
         if decision is not None and decision.ok:
             self.phase = Phase.COMMITTING
             return True
-        self._refused_by(peer, decision.reason if decision is not None else "no_answer")
+        reason = decision.reason if decision is not None else "no_answer"
+        if reason == NOT_READY and self.target == peer and now < self.target_until:
+            self._count_refusal(reason)  # not in the round yet: we wait for it (see the module doc)
+            self.phase, self.partner = Phase.OPEN, None
+            return False
+        self._refused_by(peer, reason)
         return False
 
     def swap_answered(self, peer: bytes, decision: Decision | None, theirs: Payload | None) -> bool:
@@ -213,10 +241,15 @@ class PairingCore:
         """Our commit never got a reply before the deadline: the partner may have committed."""
         self.stats.uncertain += 1
 
-    def _refused_by(self, peer: bytes, reason: str) -> None:
+    def _count_refusal(self, reason: str) -> None:
         self.stats.refused += 1
         self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+
+    def _refused_by(self, peer: bytes, reason: str) -> None:
+        self._count_refusal(reason)
         self.refused.add(peer)
+        if self.target == peer:
+            self.target = None
         self.phase, self.partner, self.theirs = Phase.OPEN, None, None
 
     # -- acceptor side ------------------------------------------------------------------------

@@ -165,3 +165,41 @@ def test_choose_partner():
     assert choose_partner([], A, set(), rng) is None
     # Seeded: the same generator state gives the same choice, whatever the input order.
     assert choose_partner([C, B], A, set(), random.Random(1)) == choose_partner([B, C], A, set(), random.Random(1))
+
+
+def test_a_target_not_yet_in_the_round_is_waited_for_until_patience_runs_out():
+    a = PairingCore(A, hold_timeout=HOLD)
+    a.start(7, Payload(b"\x80"), patience=1.0)
+    assert a.waiting_for(0.0) is None  # no target yet: the pump picks one
+    assert a.begin_proposal(B, now=0.0)
+    assert a.proposal_answered(B, Decision.refuse(NOT_READY), now=0.4) is False
+    # B has not reached round 7: A keeps it as its target (not refused) and stays open.
+    assert a.phase is Phase.OPEN and a.refused == set() and a.waiting_for(0.4) == B
+    assert a.stats.by_reason == {NOT_READY: 1} and a.stats.refused == 1
+    # Meanwhile anyone may pair with A.
+    assert a.on_propose(C, 7, 0.5) == Decision.accept() and a.phase is Phase.HOLDING
+    assert a.expire(0.5 + HOLD) is True
+    # Proposing to the same target again does not restart the patience (it started at 0.0).
+    assert a.begin_proposal(B, now=0.9)
+    assert a.proposal_answered(B, Decision.refuse(NOT_READY), now=0.99) is False and a.waiting_for(0.99) == B
+    assert a.waiting_for(1.0) is None  # patience over: the pump picks another
+    assert a.begin_proposal(B, now=1.0) and a.proposal_answered(B, Decision.refuse(NOT_READY), now=1.0) is False
+    assert a.refused == {B} and a.target is None
+    with pytest.raises(ValueError, match="patience must be >= 0"):
+        PairingCore(A, hold_timeout=HOLD).start(7, Payload(b"\x80"), patience=-1.0)
+
+
+@pytest.mark.parametrize("reason", [BUSY, PAIRED, CROSSED, None])
+def test_any_other_refusal_drops_the_target_at_once(reason):
+    a = PairingCore(A, hold_timeout=HOLD)
+    a.start(7, Payload(b"\x80"), patience=5.0)
+    assert a.begin_proposal(B, now=0.0)
+    assert a.proposal_answered(B, None if reason is None else Decision.refuse(reason), now=0.1) is False
+    assert a.waiting_for(0.1) is None and a.refused == {B}
+
+
+def test_without_patience_not_ready_is_a_refusal():
+    a = core(A)  # patience 0
+    assert a.begin_proposal(B)
+    assert a.proposal_answered(B, Decision.refuse(NOT_READY)) is False
+    assert a.refused == {B} and a.waiting_for(0.0) is None
