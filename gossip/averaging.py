@@ -55,13 +55,31 @@ def layout_fingerprint(shapes: Sequence[Sequence[int]]) -> bytes:
     return hashlib.sha256(b"murmur.avg.layout\0" + text.encode()).digest()[:16]
 
 
+_FINITE_BLOCK = 1 << 16  # values per isfinite() call: the temporary mask stays in cache
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """True if no value is NaN or infinite (1-D input; in cache-sized blocks, no big temporary)."""
+    n = values.shape[0]
+    if n <= _FINITE_BLOCK:
+        return bool(np.isfinite(values).all())
+    mask = np.empty(_FINITE_BLOCK, dtype=bool)
+    for start in range(0, n, _FINITE_BLOCK):
+        block = values[start : start + _FINITE_BLOCK]
+        m = mask[: block.shape[0]]
+        np.isfinite(block, out=m)
+        if not m.all():
+            return False
+    return True
+
+
 def check_values(values: np.ndarray, expected: int) -> str | None:
     """Why a decoded slice is unusable (None if it is fine): wrong size or not finite."""
     if values.ndim != 1 or values.shape[0] != expected:
         return f"shape {tuple(values.shape)}, expected ({expected},)"
     if values.dtype != np.float32:
         return f"dtype {values.dtype}, expected float32"
-    if not np.isfinite(values).all():
+    if not all_finite(values):
         return "non-finite values"
     return None
 
@@ -107,8 +125,13 @@ class ShardReduction:
         """Every member has either contributed or been refused: nothing left to wait for."""
         return not self.waiting_for
 
-    def offer(self, peer: bytes, weight: float, values: np.ndarray | None, problem: str | None) -> str:
-        """Add `peer`'s slice (already decoded; `problem` says why it could not be). Returns a reason."""
+    def offer(
+        self, peer: bytes, weight: float, values: np.ndarray | None, problem: str | None, *, checked: bool = False
+    ) -> str:
+        """Add `peer`'s slice (already decoded; `problem` says why it could not be). Returns a reason.
+
+        `checked`: the caller already ran `check_values(values, self.size)` (skips a second pass).
+        """
         if self.mean is not None:
             return LATE
         if peer not in self.members:
@@ -117,7 +140,7 @@ class ShardReduction:
             return DUPLICATE
         if peer in self.failed:
             return LATE  # we stopped waiting for it (it looked dead); the shard goes on without it
-        if problem is None and values is not None:
+        if problem is None and values is not None and not checked:
             problem = check_values(values, self.size)
         if problem is None and not (math.isfinite(weight) and weight > 0):
             problem = f"weight {weight!r} is not a finite number > 0"

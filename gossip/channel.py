@@ -25,13 +25,13 @@ incomplete message.
 
 from __future__ import annotations
 
-import errno
 import math
 import operator
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
+from gossip import sockio
 from gossip.errors import PeerTimeout, PeerUnreachable, RemoteProtocolError
 from gossip.frames import (
     CLOSED,
@@ -52,6 +52,10 @@ __all__ = ["PROTOCOL_VERSION", "PeerHello", "SecureStream", "open_secure_channel
 # Largest read we ask the transport for beyond what the current frame still needs: small frames
 # arrive many per read, large frames are read up to their end in one call.
 _READ_SIZE = 1 << 16
+# A write of several frames (`send_parts`) goes out in one transport write while the frames fit
+# in one maximal frame plus this much: an RPC chunk's 13-byte header frame rides along with the
+# chunk's frame, and the send buffer never exceeds about one maximal frame.
+_COALESCE = 1 << 16
 # How long a refusing responder spends trying to tell the initiator why before it closes.
 _REJECT_FLUSH_TIMEOUT = 1.0
 
@@ -82,13 +86,16 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._pending = b""  # plaintext of a frame that did not fit in the last receive_some
         self._pending_at = 0
         # TCP fast paths. SocketStream.send_all has handed every byte to the kernel when it
-        # returns, so one send buffer (grown to the largest frame sent so far) serves every frame;
-        # and we receive straight into the frame decoder's buffer. Other transports might keep a
-        # reference to what they are given (a simulated link queueing it), so they get a fresh
-        # buffer per frame.
-        is_tcp = type(transport_stream) is trio.SocketStream
-        self._socket = transport_stream.socket if is_tcp else None
-        self._reuse_send_buffer = is_tcp
+        # returns, so one send buffer (grown to the largest write so far) serves every frame;
+        # and we receive straight into the frame decoder's buffer. A wrapper that keeps these
+        # properties says so (`gossip.tcp.CountingStream`: `copies_on_send`, `receive_into_nowait`).
+        # Other transports might keep a reference to what they are given (a simulated link
+        # queueing it), so they get a fresh buffer per write.
+        self._direct = _direct_receiver(transport_stream)
+        self._send = _sender(transport_stream)
+        self._reuse_send_buffer = type(transport_stream) is trio.SocketStream or (
+            getattr(transport_stream, "copies_on_send", False) is True
+        )
         self._send_buf: bytearray | None = None
 
     # -- sending ----------------------------------------------------------------------------
@@ -104,9 +111,9 @@ class SecureStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError("an earlier send was interrupted; the stream can no longer send")
         self._sending = True
 
-    async def _send_frame(self, frame: bytes | bytearray) -> None:
+    async def _send_frame(self, frame: bytes | bytearray | memoryview) -> None:
         try:
-            await self.transport_stream.send_all(frame)
+            await self._send(frame)
         except trio.ClosedResourceError:
             # Closed under us by our own aclose(), or torn down after a protocol error.
             self._send_broken = True
@@ -118,30 +125,57 @@ class SecureStream(trio.abc.HalfCloseableStream):
             self._send_broken = True
             raise
 
-    def _send_buffer(self, plaintext_len: int) -> bytearray:
-        need = HEADER_LEN + plaintext_len + TAG_LEN
+    def _send_buffer(self, need: int) -> bytearray:
+        """A buffer for `need` bytes of frames (at most one maximal frame plus _COALESCE)."""
+        if not self._reuse_send_buffer:
+            return bytearray(need)
         if self._send_buf is None or len(self._send_buf) < need:
-            # Round up to a power of two (at most one maximal frame) so growth happens rarely.
-            cap = HEADER_LEN + self._encoder.max_frame + TAG_LEN
+            # Round up to a power of two (capped) so growth happens rarely.
+            cap = HEADER_LEN + self._encoder.max_frame + TAG_LEN + _COALESCE
             self._send_buf = bytearray(min(cap, max(1 << 12, 1 << (need - 1).bit_length())))
         return self._send_buf
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_parts((data,))
+
+    async def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send the concatenation of `parts`; each part starts a new frame.
+
+        Frame boundaries carry no meaning for the peer, but a receiver that knows where a part
+        belongs (an RPC chunk after its header) can decrypt that frame straight into place
+        (`receive_into`). Small frames are coalesced into one transport write with the next.
+        """
         self._enter_send()
         try:
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_all() after send_eof()")
-            with memoryview(data) as view:
-                view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-                if not view:
-                    await trio.lowlevel.checkpoint()
-                    return
-                # Cancelled here costs nothing: no counter has been spent yet.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                step = self._encoder.max_frame
-                out = self._send_buffer(min(step, len(view))) if self._reuse_send_buffer else None
-                for start in range(0, len(view), step):
-                    await self._send_frame(self._encoder.encode(view[start : start + step], out))
+            views = [v for v in map(_byte_view, parts) if v]
+            if not views:
+                await trio.lowlevel.checkpoint()
+                return
+            # The one checkpoint of this call (the socket path below does not yield when the
+            # kernel takes the bytes at once). Cancelled here costs nothing: no counter is spent.
+            await trio.lowlevel.checkpoint()
+            step = self._encoder.max_frame
+            frames = [v[at : at + step] for v in views for at in range(0, len(v), step)]
+            overhead = HEADER_LEN + TAG_LEN
+            limit = HEADER_LEN + step + TAG_LEN + _COALESCE
+            i = 0
+            while i < len(frames):
+                # As many whole frames as fit in one write of at most `limit` bytes (at least one).
+                j, size = i + 1, len(frames[i]) + overhead
+                while j < len(frames) and size + len(frames[j]) + overhead <= limit:
+                    size += len(frames[j]) + overhead
+                    j += 1
+                out = self._send_buffer(size)
+                with memoryview(out) as buf:
+                    pos = 0
+                    for frame in frames[i:j]:
+                        n = len(frame) + overhead
+                        self._encoder.encode(frame, buf[pos : pos + n])
+                        pos += n
+                    await self._send_frame(buf[:size] if len(out) != size else out)
+                i = j
         finally:
             self._sending = False
 
@@ -172,17 +206,99 @@ class SecureStream(trio.abc.HalfCloseableStream):
             max_bytes = operator.index(max_bytes)
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
+        return await self._receive(None, max_bytes)  # type: ignore[return-value]
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Like `socket.recv_into`: up to len(buffer) bytes into `buffer`; 0 at end of stream.
+
+        A frame whose plaintext fits is decrypted straight into `buffer` (no copy); a longer one
+        fills it and the rest waits for the next receive. If the peer breaks the protocol
+        (RemoteProtocolError), `buffer` may hold garbage.
+        """
+        if not len(buffer):
+            raise ValueError("receive_into needs a buffer of at least 1 byte")
+        return await self._receive(buffer, None)  # type: ignore[return-value]
+
+    def receive_some_nowait(self, max_bytes: int | None = None) -> bytes:
+        """`receive_some` without waiting or yielding: trio.WouldBlock if it would have to wait.
+
+        Data that is already here (a buffered frame, or bytes the socket holds now) comes at
+        once. A caller that loops on this must still checkpoint now and then. If it raises
+        RemoteProtocolError the stream is torn down: close it.
+        """
+        return self._receive_nowait(None, max_bytes)  # type: ignore[return-value]
+
+    def receive_into_nowait(self, buffer: memoryview) -> int:
+        """`receive_into` without waiting or yielding: trio.WouldBlock if it would have to wait."""
+        if not len(buffer):
+            raise ValueError("receive_into needs a buffer of at least 1 byte")
+        return self._receive_nowait(buffer, None)  # type: ignore[return-value]
+
+    def _enter_receive(self) -> None:
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this SecureStream")
         if self._closed:
             raise trio.ClosedResourceError("this SecureStream was closed")
         if self._torn_down is not None:
             raise trio.BrokenResourceError(f"connection torn down: {self._torn_down}")
+
+    async def _receive(self, buffer: memoryview | None, max_bytes: int | None) -> bytes | int:
+        self._enter_receive()
         self._receiving = True
         try:
-            return await self._receive(max_bytes)
+            waited = False
+            while True:
+                try:
+                    result = self._poll(buffer, max_bytes)
+                except trio.WouldBlock:
+                    await self._wait_for_data()
+                    waited = True
+                    continue
+                except RemoteProtocolError:
+                    await trio.aclose_forcefully(self.transport_stream)
+                    raise
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+                return result
         finally:
             self._receiving = False
+
+    def _receive_nowait(self, buffer: memoryview | None, max_bytes: int | None) -> bytes | int:
+        self._enter_receive()
+        return self._poll(buffer, max_bytes)
+
+    def _poll(self, buffer: memoryview | None, max_bytes: int | None) -> bytes | int:
+        """The next data, into `buffer` (a count) or as bytes, from what is here; b""/0 at the end.
+
+        trio.WouldBlock when the next frame is incomplete and the transport has nothing more now.
+        """
+        limit = max_bytes if buffer is None else len(buffer)
+        if self._pending_at < len(self._pending):
+            end = len(self._pending) if limit is None else self._pending_at + limit
+            data = self._pending[self._pending_at : end]
+            self._pending_at += len(data)
+        else:
+            self._pending, self._pending_at = b"", 0
+            decoder = self._decoder
+            while True:
+                try:
+                    item = decoder.next_frame() if buffer is None else decoder.next_frame_into(buffer)
+                except RemoteProtocolError as exc:
+                    self._torn_down = exc  # later calls raise BrokenResourceError
+                    raise
+                if item is NEED_DATA:
+                    self._read_nowait()
+                    continue
+                if item is END_OF_STREAM or item is CLOSED:
+                    return b"" if buffer is None else 0
+                if type(item) is int:
+                    return item
+                data = self._take(item, limit)  # type: ignore[arg-type]
+                break
+        if buffer is None:
+            return data
+        buffer[: len(data)] = data
+        return len(data)
 
     def _take(self, data: bytes, max_bytes: int | None) -> bytes:
         if max_bytes is None or len(data) <= max_bytes:
@@ -190,50 +306,29 @@ class SecureStream(trio.abc.HalfCloseableStream):
         self._pending, self._pending_at = data, max_bytes
         return data[:max_bytes]
 
-    async def _receive(self, max_bytes: int | None) -> bytes:
-        if self._pending_at < len(self._pending):
-            end = len(self._pending) if max_bytes is None else self._pending_at + max_bytes
-            chunk = self._pending[self._pending_at : end]
-            self._pending_at += len(chunk)
-            await trio.lowlevel.checkpoint()
-            return chunk
-        self._pending, self._pending_at = b"", 0
-        decoder = self._decoder
-        waited = False
-        while True:
-            try:
-                item = decoder.next_frame()
-            except RemoteProtocolError as exc:
-                await self._tear_down(exc)
-                raise
-            if item is NEED_DATA:
-                await self._read_more()
-                waited = True
-                continue
-            if not waited:
-                await trio.lowlevel.checkpoint()
-            if item is END_OF_STREAM or item is CLOSED:
-                return b""
-            return self._take(item, max_bytes)  # type: ignore[arg-type]
-
-    async def _read_more(self) -> None:
+    def _read_window(self) -> tuple[int, int]:
         decoder = self._decoder
         wanted = decoder.wanted()
         # Read to the end of the current frame, or up to _READ_SIZE when frames are small: at most
         # _READ_SIZE bytes of a following frame ever have to be slid to the buffer's front.
-        want = min(decoder.room(), max(wanted, _READ_SIZE))
-        if self._socket is not None:
-            n = await _recv_into(self._socket, decoder.get_buffer(wanted)[:want])
-            if n:
-                decoder.buffer_updated(n)
-            else:
-                decoder.receive_data(b"")  # end of file
-        else:
-            decoder.receive_data(await self.transport_stream.receive_some(want))
+        return wanted, min(decoder.room(), max(wanted, _READ_SIZE))
 
-    async def _tear_down(self, exc: RemoteProtocolError) -> None:
-        self._torn_down = exc
-        await trio.aclose_forcefully(self.transport_stream)
+    def _read_nowait(self) -> None:
+        """Move what the transport holds now into the decoder; trio.WouldBlock if nothing."""
+        if self._direct is None:
+            raise trio.WouldBlock  # only receive_some, which may wait: see _wait_for_data
+        wanted, want = self._read_window()
+        n = self._direct[0](self._decoder.get_buffer(wanted)[:want])
+        if n:
+            self._decoder.buffer_updated(n)
+        else:
+            self._decoder.receive_data(b"")  # end of file
+
+    async def _wait_for_data(self) -> None:
+        if self._direct is not None:
+            await self._direct[1]()  # wait_readable; _poll then reads
+        else:
+            self._decoder.receive_data(await self.transport_stream.receive_some(self._read_window()[1]))
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -246,14 +341,29 @@ class SecureStream(trio.abc.HalfCloseableStream):
         await self.transport_stream.aclose()
 
 
-async def _recv_into(sock: trio.socket.SocketType, buffer: memoryview) -> int:
-    # The same error mapping as trio.SocketStream.receive_some, which this path stands in for.
-    try:
-        return await sock.recv_into(buffer)
-    except OSError as exc:
-        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-            raise trio.ClosedResourceError("this socket was already closed") from None
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(data)
+    return view.cast("B") if view.ndim != 1 or view.format != "B" else view
+
+
+_Direct = tuple[Callable[[memoryview], int], Callable[[], Awaitable[None]]]
+
+
+def _direct_receiver(stream: trio.abc.Stream) -> _Direct | None:
+    """(read into a buffer without waiting, wait until readable) for `stream`, or None if it
+    can only `receive_some` (then every read costs a fresh bytes object and a copy)."""
+    if type(stream) is trio.SocketStream:
+        sock = stream.socket
+        return (lambda buffer: sockio.recv_into_nowait(sock, buffer)), (lambda: trio.lowlevel.wait_readable(sock))
+    nowait, wait = getattr(stream, "receive_into_nowait", None), getattr(stream, "wait_readable", None)
+    return (nowait, wait) if callable(nowait) and callable(wait) else None
+
+
+def _sender(stream: trio.abc.Stream) -> Callable[[bytes | bytearray | memoryview], Awaitable[None]]:
+    if type(stream) is trio.SocketStream:
+        sock = stream.socket
+        return lambda data: sockio.send_all(sock, data)
+    return stream.send_all
 
 
 async def _send_handshake(stream: trio.abc.Stream, data: bytes) -> None:

@@ -37,6 +37,7 @@ DEFAULT_FRAME_PLAINTEXT = MAX_FRAME_PLAINTEXT
 _INITIAL_BUFFER = (64 << 10) + HEADER_LEN + TAG_LEN  # a decoder's buffer before big frames arrive
 _MAX_COUNTER = 2**64 - 1  # Noise reserves nonce 2^64-1; a connection that gets there must end
 _HAS_INTO = hasattr(AESGCM, "encrypt_into")  # cryptography >= 45 writes into our buffers
+_HAS_DECRYPT_INTO = hasattr(AESGCM, "decrypt_into")
 
 
 class _Sentinel:
@@ -203,6 +204,28 @@ class FrameDecoder:
 
     def next_frame(self) -> bytes | _Sentinel:
         """The next plaintext, or NEED_DATA, END_OF_STREAM or CLOSED; RemoteProtocolError if bad."""
+        item = self._ready()
+        if item is not None:
+            return item
+        return self._decrypt(None)  # type: ignore[return-value]
+
+    def next_frame_into(self, out: memoryview) -> int | bytes | _Sentinel:
+        """Like `next_frame`, but a plaintext that fits in `out` is decrypted straight into it.
+
+        Returns its length (>= 1) then; a longer plaintext comes back as bytes (out untouched).
+        This saves the receiver a copy when it knows where the bytes belong (an RPC chunk's
+        buffer). If the frame fails authentication, `out` may hold garbage: the decoder is dead
+        then and the caller must drop whatever `out` was part of.
+        """
+        item = self._ready()
+        if item is not None:
+            return item
+        if not 0 < self._body_len - TAG_LEN <= len(out):  # type: ignore[operator]
+            return self._decrypt(None)
+        return self._decrypt(out)
+
+    def _ready(self) -> _Sentinel | None:
+        """None once a whole frame is buffered (its length in _body_len), else what to return."""
         if self._error is not None:
             raise self._error
         if self._ended:
@@ -210,10 +233,10 @@ class FrameDecoder:
                 raise self._fail("data after the end-of-stream frame")
             return END_OF_STREAM
         avail = self.buffered
-        start = self._start
         if self._body_len is None:
             if avail < HEADER_LEN:
                 return self._need_data(avail)
+            start = self._start
             length = int.from_bytes(self._view[start : start + HEADER_LEN], "big")
             if length < TAG_LEN:
                 raise self._fail(f"frame length {length} is shorter than the {TAG_LEN}-byte tag")
@@ -221,16 +244,28 @@ class FrameDecoder:
                 # Checked before buffering a byte of the body: a hostile length costs nothing.
                 raise self._fail(f"frame of {length - TAG_LEN} bytes exceeds the cap of {self.max_frame}")
             self._body_len = length
-        end = HEADER_LEN + self._body_len
-        if avail < end:
+        if avail < HEADER_LEN + self._body_len:
             return self._need_data(avail)
         if self.counter >= _MAX_COUNTER:
             raise self._fail("frame counter exhausted")
+        return None
+
+    def _decrypt(self, out: memoryview | None) -> bytes | int | _Sentinel:
+        start, length = self._start, self._body_len
+        assert length is not None
+        end = HEADER_LEN + length
         view = self._view
+        nonce = frame_nonce(self.counter)
+        body, ad = view[start + HEADER_LEN : start + end], view[start : start + HEADER_LEN]
         try:
-            plaintext = self._aead.decrypt(
-                frame_nonce(self.counter), view[start + HEADER_LEN : start + end], view[start : start + HEADER_LEN]
-            )
+            if out is None:
+                plaintext: bytes | int = self._aead.decrypt(nonce, body, ad)
+            elif _HAS_DECRYPT_INTO:
+                plaintext = self._aead.decrypt_into(nonce, body, ad, out[: length - TAG_LEN])
+            else:
+                data = self._aead.decrypt(nonce, body, ad)
+                out[: len(data)] = data
+                plaintext = len(data)
         except InvalidTag:
             raise self._fail(
                 f"frame {self.counter} failed authentication (tampered, replayed, reordered or "

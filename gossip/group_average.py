@@ -24,6 +24,7 @@ from gossip.averaging import (
     UNKNOWN,
     WRONG_SHARD,
     ShardReduction,
+    all_finite,
     check_values,
     layout_fingerprint,
     shard_bounds,
@@ -109,8 +110,14 @@ class GroupAverage:
             raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
         arrays = [np.asarray(t, dtype=np.float32) for t in tensors]
         shapes = [a.shape for a in arrays]
-        flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
-        if not np.isfinite(flat).all():
+        # One contiguous tensor is used in place (read only); several are concatenated into a
+        # vector of our own, which then also receives the result (no second full-size buffer).
+        if len(arrays) == 1 and arrays[0].flags.c_contiguous:
+            flat, owned = arrays[0].reshape(-1), False
+        else:
+            flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+            owned = True
+        if not all_finite(flat):
             raise ValueError("tensors must be finite: a NaN or inf must never reach a peer")
         if key in self._sessions:
             raise LocalProtocolError(f"group_average for key {key!r} is already running")
@@ -134,9 +141,9 @@ class GroupAverage:
                 mm.close()
             group = mm.result.group if mm.result is not None and mm.role is Role.SEALED else ()
             if len(group) <= 1:
-                result = _alone(self.me, flat, shapes, float(weight))
+                result = _alone(self.me, flat if owned else flat.copy(), shapes, float(weight))
             else:
-                result = await self._allreduce(session, flat, shapes, float(weight))
+                result = await self._allreduce(session, flat, shapes, float(weight), owned)
         finally:
             mm.close()
             session.done = True
@@ -232,7 +239,7 @@ class GroupAverage:
     # =========================================================================================
 
     async def _allreduce(
-        self, session: _Session, flat: np.ndarray, shapes: list[tuple[int, ...]], weight: float
+        self, session: _Session, flat: np.ndarray, shapes: list[tuple[int, ...]], weight: float, owned: bool
     ) -> AverageResult:
         sealed = session.mm.result
         assert sealed is not None
@@ -246,7 +253,11 @@ class GroupAverage:
         red = ShardReduction(self.me, ids, flat[lo:hi], weight)
         session.group_id, session.index, session.reduction = sealed.group_id, me, red
         session.changed.fire()  # slices that arrived before our seal may go on
-        out = np.empty_like(flat)  # each shard is written once: the mean, or our own input
+        # Each shard of `out` is written once: its mean, or our own input. An `owned` flat vector
+        # is its own output: shard i is overwritten only once its reply arrived, after the last
+        # byte of our slice i went out (a reply before that is a protocol violation), and a
+        # shard not averaged keeps our input where it is.
+        out = flat if owned else np.empty_like(flat)
         reports: list[ShardReport | None] = [None] * n
         rejected: set[bytes] = set()
         async with trio.open_nursery() as nursery:
@@ -270,9 +281,10 @@ class GroupAverage:
                 values, problem = await self._decode(session.codec, packed, bufs, mean.size)
             out[lo:hi] = values if problem is None else mean
             reports[me] = ShardReport(lo, hi, self.me, True, tuple(sorted(red.contributors)), red.total_weight)
-        for report in reports:
-            if report is not None and not report.averaged:
-                out[report.start : report.stop] = flat[report.start : report.stop]
+        if out is not flat:
+            for report in reports:
+                if report is not None and not report.averaged:
+                    out[report.start : report.stop] = flat[report.start : report.stop]
         rejected |= set(red.rejected)
         self.stats.rejected += len(red.rejected)
         final = [r for r in reports if r is not None]
@@ -349,7 +361,7 @@ class GroupAverage:
             return _part_refusal(WRONG_SHARD)
         red = s.reduction
         values, problem = await self._decode(s.codec, b["header"], req.buffers, red.size)
-        reason = red.offer(req.peer_id, b["weight"], values, problem)
+        reason = red.offer(req.peer_id, b["weight"], values, problem, checked=True)
         del values  # summed into the shard: do not hold a copy while we wait for the others
         s.changed.fire()
         if reason != OK:

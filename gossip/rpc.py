@@ -245,6 +245,11 @@ class RpcProtocol:
         return not (self._calls or self._inbound or self._control or self._transfers)
 
     @property
+    def has_output(self) -> bool:
+        """Something is queued to send (control messages or chunks)."""
+        return bool(self._control or self._transfers)
+
+    @property
     def finished(self) -> bool:
         """Both sides said GOAWAY and all their calls are answered: the stream may be closed."""
         return self.goaway_sent and self.goaway_received and self.idle
@@ -405,6 +410,29 @@ class RpcProtocol:
             self._rbuf += self._view[self._vpos :]  # an unparsed tail: part of one message
         self._view = memoryview(data if type(data) is bytes else bytes(data)).cast("B")
         self._vpos = 0
+
+    def chunk_target(self) -> memoryview | None:
+        """Where the next bytes of the stream belong, if they are all chunk payload; else None.
+
+        While a chunk is arriving and nothing of it is buffered here, its remaining bytes go
+        straight into the buffer being assembled: the pump may receive into this view (at most
+        its length, less is fine) and report with `chunk_received`, saving a copy. None: feed
+        `receive_data` as usual.
+        """
+        if (self._in_chunk and self._chunk_view is not None and not self._rbuf
+                and self._vpos == len(self._view) and self._error is None and not self._eof):
+            return self._chunk_view[self._chunk_off :]
+        return None
+
+    def chunk_received(self, nbytes: int) -> None:
+        """`nbytes` were written at the start of the view `chunk_target()` returned (0: end of stream)."""
+        if nbytes == 0:
+            self.receive_data(b"")
+            return
+        if self.chunk_target() is None or not 0 < nbytes <= self._chunk_left:
+            raise LocalProtocolError(f"chunk_received({nbytes}) without a chunk_target() that long")
+        self._chunk_off += nbytes
+        self._chunk_left -= nbytes
 
     def next_event(self) -> Event | _NeedData:
         """The next complete event, or NEED_DATA. A RemoteProtocolError here is final."""

@@ -10,6 +10,7 @@ from gossip.averaging import (
     NOT_MEMBER,
     OK,
     ShardReduction,
+    all_finite,
     check_values,
     layout_fingerprint,
     shard_bounds,
@@ -75,6 +76,25 @@ def test_check_values():
     assert check_values(bad, 4) == "non-finite values"
     bad[2] = np.nan
     assert check_values(bad, 4) == "non-finite values"
+
+
+def test_all_finite_in_blocks():
+    block = 1 << 16
+    x = np.zeros(3 * block + 5, np.float32)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(x[:10])
+    for where in (0, block - 1, block, 2 * block + 7, x.size - 1):  # either side of block edges
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[where] = bad
+            assert not all_finite(y), (where, bad)
+    assert all_finite(np.full(5, np.finfo(np.float32).max, np.float32))
+
+
+def test_offer_of_a_slice_the_caller_checked_skips_the_check():
+    red = ShardReduction(P[0], (P[0], P[1], P[2]), np.ones(2, np.float32), weight=1.0)
+    assert red.offer(P[1], 1.0, np.array([3.0, 5.0], np.float32), None, checked=True) == OK
+    assert red.offer(P[2], 1.0, np.array([np.nan, 5.0], np.float32), None) == INVALID  # unchecked: checked here
+    assert red.finalize().tolist() == [2.0, 3.0]
 
 
 # -- the reducer ----------------------------------------------------------------------------

@@ -378,3 +378,126 @@ async def test_tcp_bulk_both_ways() -> None:
     assert await b.receive_some() == b""
     await a.aclose()
     await b.aclose()
+
+
+# ---- send_parts, receive_into and the nowait receives --------------------------------------------
+
+
+class Recorder(trio.abc.HalfCloseableStream):
+    """Records the size of every transport write; says it copies on send, like CountingStream."""
+
+    copies_on_send = True
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.inner.send_all(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_send_parts_one_frame_per_part_in_one_write() -> None:
+    raw_a, raw_b = trio.testing.memory_stream_pair()
+    rec = Recorder(raw_a)
+    a, b = await secure_pair(rec, raw_b)
+    rec.writes.clear()
+    header, payload = b"h" * 13, bytes(range(256)) * 20
+    await a.send_parts([header, b"", payload])
+    assert rec.writes == [13 + HEADER_LEN + TAG_LEN + len(payload) + HEADER_LEN + TAG_LEN]
+    # Each part is its own frame, so the receiver can put each straight where it belongs.
+    head_buf, body_buf = bytearray(13), bytearray(len(payload))
+    assert await b.receive_into(memoryview(head_buf)) == 13 and head_buf == header
+    assert await b.receive_into(memoryview(body_buf)) == len(payload) and body_buf == payload
+    assert b._decoder.counter == a._encoder.counter  # two frames each way of the count
+    # Writes stay within one maximal frame plus 64 KiB: 3 MiB + 1 goes out as three writes, the
+    # 1-byte frame riding with the last maximal one.
+    rec.writes.clear()
+    big = bytes(3 * 2**20 + 1)
+    async with trio.open_nursery() as n:
+        n.start_soon(a.send_all, big)
+        got = bytearray()
+        while len(got) < len(big):
+            got += await b.receive_some()
+    frame = 2**20 + HEADER_LEN + TAG_LEN
+    assert rec.writes == [frame, frame, frame + 1 + HEADER_LEN + TAG_LEN]
+    assert got == big
+
+
+async def test_receive_into_splits_a_frame_that_does_not_fit() -> None:
+    a, b = await memory_pair()
+    await a.send_all(b"0123456789")
+    buf = bytearray(4)
+    assert await b.receive_into(memoryview(buf)) == 4 and buf == b"0123"
+    assert await b.receive_into(memoryview(buf)) == 4 and buf == b"4567"
+    assert await b.receive_into(memoryview(buf)) == 2 and buf[:2] == b"89"
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        await b.receive_into(memoryview(bytearray(0)))
+    await a.send_eof()
+    assert await b.receive_into(memoryview(buf)) == 0
+
+
+async def test_nowait_receives_take_only_what_is_already_here() -> None:
+    a, b = await memory_pair()
+    with pytest.raises(trio.WouldBlock):
+        b.receive_some_nowait()
+    await a.send_parts([b"ab", b"cd", b"efgh"])  # three frames, one transport write
+    assert await b.receive_some() == b"ab"  # reads the whole write, returns the first frame
+    assert b.receive_some_nowait() == b"cd"  # decoded from what is buffered: no wait, no yield
+    buf = bytearray(3)
+    assert b.receive_into_nowait(memoryview(buf)) == 3 and buf == b"efg"
+    assert b.receive_some_nowait(5) == b"h"  # the rest of that frame
+    with pytest.raises(trio.WouldBlock):
+        b.receive_into_nowait(memoryview(buf))
+    await a.aclose()
+    assert await b.receive_some() == b""
+
+
+async def test_nowait_receive_of_a_tampered_frame_tears_the_stream_down() -> None:
+    a, b, tamper = await tamper_pair()
+    tamper.mangle = lambda data, held: [data, data]  # every write replayed
+    await a.send_all(b"once")
+    assert await b.receive_some() == b"once"
+    with pytest.raises(RemoteProtocolError, match="frame 1 failed authentication"):
+        b.receive_some_nowait()
+    with pytest.raises(trio.BrokenResourceError, match="connection torn down"):
+        await b.receive_some()
+    await b.aclose()
+    await assert_closed(b.transport_stream)
+
+
+async def test_tcp_receive_into_and_nowait_carry_every_byte() -> None:
+    a, b = await tcp_pair(frame_size=100_000)
+    data = bytes(range(256)) * 8_000  # ~2 MB in frames of 100,000 bytes
+    got = bytearray(len(data))
+    view = memoryview(got)
+
+    async def reader() -> None:
+        at = 0
+        while at < len(data):
+            try:
+                n = b.receive_into_nowait(view[at : at + 70_000])  # not aligned to frames
+            except trio.WouldBlock:
+                n = await b.receive_into(view[at:])
+            assert n
+            at += n
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await a.send_all(data)
+    assert got == data
+    await a.aclose()
+    assert await b.receive_into(view) == 0
+    await b.aclose()

@@ -347,3 +347,47 @@ def test_encoder_without_encrypt_into_is_identical(monkeypatch: pytest.MonkeyPat
     expected = bytes(FrameEncoder(KEY).encode(b"same bytes"))
     monkeypatch.setattr(frames, "_HAS_INTO", False)
     assert bytes(FrameEncoder(KEY).encode(b"same bytes", bytearray(100))) == expected
+
+
+# ---- decrypting straight into the caller's buffer ------------------------------------------------
+
+
+def test_next_frame_into_fits_decrypts_in_place_else_returns_bytes() -> None:
+    dec = FrameDecoder(KEY)
+    dec.receive_data(_stream(b"alpha", b"longer payload", b"x", eof=True))
+    out = bytearray(b"-" * 8)
+    assert dec.next_frame_into(memoryview(out)) == 5
+    assert out == b"alpha---"  # exactly the plaintext's bytes written, the rest untouched
+    # Longer than the buffer: returned as bytes, the buffer untouched, the frame consumed.
+    assert dec.next_frame_into(memoryview(out)) == b"longer payload"
+    assert out == b"alpha---"
+    assert dec.next_frame_into(memoryview(out)[3:4]) == 1 and out == b"alpxa---"
+    assert dec.next_frame_into(memoryview(out)) is END_OF_STREAM
+    assert dec.counter == 4
+
+
+def test_next_frame_into_waits_and_detects_tampering() -> None:
+    data = bytearray(_stream(b"secret"))
+    dec = FrameDecoder(KEY, max_frame=SMALL)
+    dec.receive_data(bytes(data[:-1]))
+    out = memoryview(bytearray(6))
+    assert dec.next_frame_into(out) is NEED_DATA
+    dec.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        dec.next_frame_into(out)
+    data[HEADER_LEN + 2] ^= 1
+    dec = FrameDecoder(KEY, max_frame=SMALL)
+    dec.receive_data(bytes(data))
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        dec.next_frame_into(out)
+    with pytest.raises(RemoteProtocolError):  # the decoder stays dead
+        dec.next_frame()
+
+
+def test_next_frame_into_without_decrypt_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gossip.frames._HAS_DECRYPT_INTO", False)  # cryptography < 45
+    dec = FrameDecoder(KEY, max_frame=SMALL)
+    dec.receive_data(_stream(b"abc", b"defg"))
+    out = bytearray(4)
+    assert dec.next_frame_into(memoryview(out)) == 3 and out[:3] == b"abc"
+    assert dec.next_frame_into(memoryview(out)) == 4 and out == b"defg"

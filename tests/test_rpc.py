@@ -423,3 +423,63 @@ def test_fuzz_mutated_valid_stream_only_typed_errors(flips, cut, step):
     for pos, value in flips:
         data[pos] = value
     _feed_all(bytes(data[:cut]) + bytes(data[cut:]), step)
+
+
+# -- receiving chunk payloads straight into their buffers ----------------------------------------------
+
+
+def test_chunk_target_takes_payload_in_place_and_matches_receive_data():
+    a, b = pair(chunk_bytes=100)
+    payload = bytes(range(250))
+    a.start_call(BLOB, {"n": 1}, [payload, b"tail"])
+    assert a.has_output
+    pieces = []
+    while (p := a.pieces_to_send()) is not None:
+        pieces.append([bytes(x) for x in p])
+    assert not a.has_output
+    assert [len(x) for p in pieces for x in p][1:] == [13, 100, 13, 100, 13, 50, 13, 4]
+    assert b.chunk_target() is None  # nothing in flight yet: feed receive_data
+    got = []
+    for head, *data in pieces:
+        assert events(b, head) == []  # the request header, or a chunk header
+        if not data:
+            continue
+        target = b.chunk_target()
+        assert target is not None and len(target) == len(data[0])  # exactly this chunk's payload
+        k = len(data[0]) // 2
+        target[:k] = data[0][:k]  # a partial receive is fine
+        b.chunk_received(k)
+        assert b.next_event() is NEED_DATA
+        rest = b.chunk_target()
+        assert len(rest) == len(data[0]) - k
+        rest[:] = data[0][k:]
+        b.chunk_received(len(rest))
+        got += list(iter(b.next_event, NEED_DATA))
+        assert b.chunk_target() is None  # between chunks: the next header goes to receive_data
+    [req] = got
+    assert isinstance(req, RequestReceived)
+    assert [bytes(x) for x in req.buffers] == [payload, b"tail"]
+
+
+def test_chunk_target_only_when_nothing_is_buffered_and_misuse_is_refused():
+    a, b = pair(chunk_bytes=100)
+    a.start_call(BLOB, {"n": 1}, [b"x" * 100])
+    data = drain(a)
+    header = len(data) - 113  # the request header, then one chunk: 13-byte header + 100 bytes
+    b.receive_data(data[: header + 13 + 5])  # up to 5 bytes into the chunk's payload
+    assert b.next_event() is NEED_DATA
+    assert len(b.chunk_target()) == 95  # the 5 bytes were copied in already
+    with pytest.raises(LocalProtocolError, match="chunk_received"):
+        b.chunk_received(96)  # more than the chunk has left
+    b.chunk_target()[:] = data[header + 18 :]
+    b.chunk_received(95)
+    [req] = list(iter(b.next_event, NEED_DATA))
+    assert bytes(req.buffers[0]) == b"x" * 100
+    assert b.chunk_target() is None
+    with pytest.raises(LocalProtocolError, match="chunk_received"):
+        b.chunk_received(1)
+    b.receive_data(b"\x00\x00")  # two bytes of a length prefix: no target while they wait
+    assert b.chunk_target() is None
+    b.chunk_received(0)  # end of stream, in the middle of a message
+    with pytest.raises(RemoteProtocolError, match="middle of a message"):
+        b.next_event()
