@@ -155,13 +155,31 @@ def test_infinite_ratio_turns_the_norm_check_off() -> None:
         ([np.array([3.0, 4.0, 5.0], np.float32), np.array([1.0], np.float32)], "tensor 0: shape (3,), expected (2,)"),
         ([np.array([3.0, 4.0], np.float32)], "expected 2 tensors, got 1"),
         ([np.array([3.0, 4.0], np.float64), np.array([1.0], np.float32)], "tensor 0: dtype float64, expected float32"),
-        ([np.array([6.0, 8.0], np.float32), np.array([2.5], np.float32)], "tensor 1: norm 2.5 exceeds 2 x own norm 1 + 0"),
+        # Tensor 1's own norm is 1, its share of our whole norm √26 is √26·√(1/3) = 2.944: bound 5.889.
+        ([np.array([6.0, 8.0], np.float32), np.array([6.0], np.float32)],
+         "tensor 1: norm 6 exceeds 2 x max(own norm 1, share 2.944) + 0"),
         ([np.array([3e38, 3e38], np.float32), np.array([1.0], np.float32)], "tensor 0: norm 4.243e+38 exceeds"),
     ],
 )
 def test_check_rejects_bad_tensors(received: list, reason: str) -> None:
     got = check_peer_tensors(received, own(), max_norm_ratio=2.0, norm_eps=0.0)
     assert got is not None and got.startswith(reason), got
+
+
+def test_a_small_tensor_is_bounded_by_its_share_of_the_whole_norm() -> None:
+    # Our Δ: a big tensor of 99 values 0.1 (norm 0.995) and a 1-value tensor that barely moved
+    # (1e-4). Whole norm √(0.99 + 1e-8) = 0.99499; tensor 1's share 0.99499·√(1/100) = 0.099499.
+    own = [np.full(99, 0.1, np.float32), np.array([1e-4], np.float32)]
+    honest = [np.full(99, 0.1, np.float32), np.array([0.05], np.float32)]  # 500x our own, half its share
+    assert check_peer_tensors(honest, own, max_norm_ratio=10.0, norm_eps=0.0) is None
+    at_bound = [np.full(99, 0.1, np.float32), np.array([0.99], np.float32)]  # 10 x share = 0.99499
+    assert check_peer_tensors(at_bound, own, max_norm_ratio=10.0, norm_eps=0.0) is None
+    blown_up = [np.full(99, 0.1, np.float32), np.array([1.0], np.float32)]
+    got = check_peer_tensors(blown_up, own, max_norm_ratio=10.0, norm_eps=0.0)
+    assert got == "tensor 1: norm 1 exceeds 10 x max(own norm 0.0001, share 0.0995) + 0"
+    # Our own Δ all zero (we diverged and sent zeros): only norm_eps is left as the bound.
+    zeros = [np.zeros(99, np.float32), np.zeros(1, np.float32)]
+    assert check_peer_tensors(honest, zeros, max_norm_ratio=10.0, norm_eps=1e-6).startswith("tensor 0: norm 0.995 exceeds")
 
 
 # ---- Pairing --------------------------------------------------------------------------------
