@@ -49,7 +49,7 @@ _CONFIG_FLAGS: dict[str, tuple[str | None, str]] = {
     "swarm_key": ("FILE", "private swarm secret from `murmur swarm-key` (overrides --swarm)"),
     "identity": ("FILE", "identity key from `murmur keygen` [CHECKPOINT_DIR/identity.key, created once]"),
     "join_timeout": ("S", "seconds to reach a first peer through --bootstrap before giving up [20]"),
-    "min_peers": ("N", "wait (up to --join-timeout) until N peers are known before training [0]"),
+    "min_peers": ("N", "wait (up to --join-timeout) until N peers are known, each knowing N too, before training [0]"),
     "algorithm": ("NAME", f"outer algorithm: {', '.join(ALGORITHMS)} [noloco]"),
     "sync_every": ("H", "inner steps between outer syncs [noloco 50, diloco 100, streaming-diloco 100]"),
     "outer_lr": ("LR", "outer learning rate [the algorithm's default]"),

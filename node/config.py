@@ -37,6 +37,7 @@ class NodeConfig:
     identity: str | None = None  # key file from `murmur keygen`; default <checkpoint_dir>/identity.key
     join_timeout: float = 20.0  # seconds to reach a first peer through the bootstrap addresses
     min_peers: int = 0  # before training, wait (up to join_timeout) until this many peers are known
+    #                    and each of them knows this many too (a start barrier: nodes start together)
     # -- algorithm --
     algorithm: str = "noloco"  # noloco | diloco | streaming-diloco
     sync_every: int | None = None  # H: inner steps between outer syncs; None = DEFAULT_SYNC_EVERY

@@ -29,13 +29,14 @@ from pathlib import Path
 
 import trio
 
+from gossip.errors import MurmurError
 from gossip.identity import Identity, format_peer_id
 from node.checkpoint import CheckpointError, CheckpointStore, deserialize, write_atomic
 from node.config import NodeConfig
 from node.lm_task import load_corpus
 from node.metrics import MetricsWriter, NodeStatus, RateMeter
 from node.progress import Progress, status_line
-from node.services import Services, open_services, swarm_key_from, wait_for_peers
+from node.services import STATUS, Services, open_services, swarm_key_from, wait_for_peers
 from node.state_sync import ChunkStore, StateSyncError, make_manifest
 from node.state_transfer import fetch_state
 from node.trainer import check_algorithm
@@ -194,13 +195,35 @@ class Node:
                 nursery.cancel_scope.cancel()
 
     async def _wait_for_swarm(self, services: Services, n: int, timeout: float) -> None:
-        """A start barrier: wait until `n` peers are known (e.g. `murmur local` starting together)."""
+        """A start barrier (e.g. `murmur local` starting together): wait until we know `n` peers
+        that each say (`node.status`) they know `n` peers too.
+
+        Knowing `n` peers alone is not enough: views fill by gossip, a few seconds apart on
+        different nodes, and the nodes that filled theirs first would be that far ahead (DiLoCo's
+        first average would then split into groups whose replicas never agree again). Asking the
+        peers directly lets every node leave within about one poll of the last one."""
+        ready: set[bytes] = set()  # peers that told us they know n peers
         with trio.move_on_after(timeout):
-            while len(services.membership.live_peers()) < n:
+            while True:
+                peers = [r for r in services.membership.live_peers() if r.addresses]
+                if len(peers) >= n:
+                    async with trio.open_nursery() as nursery:
+                        for record in peers:
+                            if record.peer_id not in ready:
+                                nursery.start_soon(self._ask_if_ready, services, record, n, ready)
+                    if len(ready & {r.peer_id for r in services.membership.live_peers()}) >= n:
+                        return
                 await trio.sleep(0.1)
         have = len(services.membership.live_peers())
-        if have < n:
-            self.progress.log(f"murmur: {have} of {n} peers after {timeout:g}s; training anyway")
+        self.progress.log(f"murmur: {have} of {n} peers after {timeout:g}s ({len(ready)} of them ready); training anyway")
+
+    async def _ask_if_ready(self, services: Services, record, n: int, ready: set[bytes]) -> None:
+        try:
+            reply = await services.transport.call(record.addresses[0], STATUS.name, {}, timeout=1.0, peer_id=record.peer_id)
+        except MurmurError:
+            return  # no answer yet: asked again on the next poll
+        if reply.body["peers"] >= n:
+            ready.add(record.peer_id)
 
     async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
         await self._stop.wait()
