@@ -1,10 +1,10 @@
 """Whole swarms train one model (issue 5).
 
 - 8 nodes in one process, each a full `node.runtime.Node` (membership, collectives, state
-  server, trainer) on one `SimNetwork`, train the tiny byte-level LM with NoLoCo and with
-  DiLoCo: every node's held-out loss falls well below its start, every node synced with
-  partners, and the nodes agree on one model (their weights after the last outer step are close
-  to each other compared with how far training moved them).
+  server, trainer) on one `SimNetwork`, train the tiny byte-level LM with NoLoCo, DiLoCo and
+  Streaming DiLoCo: every node's held-out loss falls well below its start, every node synced
+  with partners, and the nodes agree on one model (their weights after the last outer step are
+  close to each other compared with how far training moved them).
 - 4 real `murmur join` processes on loopback, started by `murmur local`, run a few outer steps
   of NoLoCo, DiLoCo and Streaming DiLoCo.
 
@@ -146,22 +146,33 @@ async def test_eight_nodes_train_one_model_with_noloco(tmp_path):
     assert moved > 1.0 and spread <= 0.1 * moved, (spread, moved)
 
 
-async def test_eight_nodes_train_one_model_with_diloco(tmp_path):
-    steps, h = 100, 5  # 20 group averages per node
-    nodes = await train_swarm(tmp_path, 8, algorithm="diloco", steps=steps, sync_every=h)
+@pytest.mark.parametrize(
+    "algorithm, settings",
+    [
+        ("diloco", {"sync_every": 5}),  # a group average of every parameter each 5 steps
+        # 2 fragments, each averaged every 10 steps in turn (one every 5 steps), applied 1 step
+        # later and merged half-and-half with the local weights; the last one, launched at step
+        # 100, would land after the budget and is dropped (a miss).
+        ("streaming-diloco", {"sync_every": 10, "fragments": 2}),
+    ],
+)
+async def test_eight_nodes_train_one_model_with_diloco(tmp_path, algorithm, settings):
+    steps = 100  # 20 outer syncs per node
+    nodes = await train_swarm(tmp_path, 8, algorithm=algorithm, steps=steps, **settings)
     finals = []
     for i, node in enumerate(nodes):
         s = node.trainer.outer.stats
-        assert s.syncs_done + s.syncs_missed + s.rejected == steps // h
+        assert s.syncs_done + s.syncs_missed + s.rejected == 20
         assert s.syncs_done >= 15 and s.rejected == 0, (i, s)
         finals.append(check_node_trained(tmp_path, i, steps)[1])
     check_started_together(tmp_path, 8)
-    assert max(finals) <= 5.6, finals  # measured 4.91-5.13 at step 100 (from 7.97)
+    assert max(finals) <= 5.6, finals  # measured 4.91-5.13 (DiLoCo), 5.11-5.18 (streaming), from 7.97
     # Every member applies the same averaged pseudo-gradient to the same outer weights, so the
-    # replicas stay equal (exactly, when every average was complete: measured spread 0).
+    # replicas' outer weights stay equal (exactly, when every average was complete: measured
+    # spread 0). Streaming's local weights differ by the half they keep of their own progress.
     spread, moved = agreement(nodes, "outer_params.")
     assert moved > 1.0 and spread <= 0.02 * moved, (spread, moved)
-    assert max(finals) - min(finals) <= 0.05, finals
+    assert max(finals) - min(finals) <= 0.1, finals  # measured 0 (DiLoCo), <= 0.06 (streaming)
 
 
 # -- real processes on loopback ------------------------------------------------------------------
