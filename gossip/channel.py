@@ -138,12 +138,14 @@ class SecureStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
 
-    async def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    async def send_parts(self, parts: Sequence[bytes | bytearray | memoryview], *, checkpoint: bool = True) -> None:
         """Send the concatenation of `parts`; each part starts a new frame.
 
         Frame boundaries carry no meaning for the peer, but a receiver that knows where a part
         belongs (an RPC chunk after its header) can decrypt that frame straight into place
         (`receive_into`). Small frames are coalesced into one transport write with the next.
+        `checkpoint=False`: do not yield if the transport takes the bytes at once (a caller
+        that writes in a loop then checkpoints now and then itself).
         """
         self._enter_send()
         try:
@@ -155,7 +157,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 return
             # The one checkpoint of this call (the socket path below does not yield when the
             # kernel takes the bytes at once). Cancelled here costs nothing: no counter is spent.
-            await trio.lowlevel.checkpoint()
+            if checkpoint:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             step = self._encoder.max_frame
             frames = [v[at : at + step] for v in views for at in range(0, len(v), step)]
             overhead = HEADER_LEN + TAG_LEN

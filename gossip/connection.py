@@ -121,6 +121,9 @@ class Connection:
         self._closed = trio.Event()  # run() has returned and the stream is closed
         self._violation: RemoteProtocolError | None = None
         self._drain_by = float("inf")  # after GOAWAY: the time by which we close regardless
+        self._write_began: float | None = None  # when the write in progress started
+        self._stalled = False  # _watch_stalls gave up on the peer
+        self._send_scope = trio.CancelScope()  # the send loop's, replaced when it starts
         self.on_goaway: list[Callable[[Connection], None]] = []  # called when the peer says GOAWAY
 
     # -- state ------------------------------------------------------------------------------------
@@ -198,6 +201,7 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self._send_loop)
+                nursery.start_soon(self._watch_stalls)
                 await self._done.wait()
                 with trio.move_on_after(self.config.flush_timeout):
                     await self._send_exited.wait()
@@ -227,38 +231,68 @@ class Connection:
                 waiter.resolve(error=PeerUnreachable(f"connection to {self.label} {self._ending}"))
 
     async def _send_loop(self) -> None:
-        proto, stream = self._proto, self._stream
-        send_parts = getattr(stream, "send_parts", None)  # SecureStream: one frame per piece
         try:
-            while True:
-                self._wakeup = trio.Event()
-                pieces = proto.pieces_to_send()
-                if pieces is not None:
-                    # One write is at most a chunk or a batch of control messages: a peer that
-                    # takes longer than stall_timeout to read it is as good as gone.
-                    with trio.move_on_after(self.config.stall_timeout) as scope:
-                        if send_parts is not None:
-                            await send_parts(pieces)  # a chunk's header and payload in one write
-                        else:
-                            for piece in pieces:
-                                await stream.send_all(piece)
-                    if scope.cancelled_caught:
-                        self._end(f"stalled: the peer read nothing for {self.config.stall_timeout:g}s")
-                        return
-                    continue
-                if self._ending is not None:
-                    return  # everything queued is out
-                if proto.finished:
-                    await self._finish_gracefully()
-                    return
-                with trio.move_on_at(self._drain_by):
-                    await self._wakeup.wait()
-                if trio.current_time() >= self._drain_by:
-                    self._end(f"closed: calls still in flight {self.config.drain_timeout:g}s after GOAWAY")
+            with trio.CancelScope() as self._send_scope:
+                await self._pump_out()
+            if self._stalled:
+                self._end(f"stalled: the peer read nothing for {self.config.stall_timeout:g}s")
         except _STREAM_ERRORS as exc:
             self._end(f"lost while sending ({type(exc).__name__}: {exc})")
         finally:
             self._send_exited.set()
+
+    async def _pump_out(self) -> None:
+        proto, stream = self._proto, self._stream
+        send_parts = getattr(stream, "send_parts", None)  # SecureStream: one frame per piece
+        unyielded = 0  # bytes written since the last checkpoint
+        while True:
+            if self._wakeup.is_set():
+                self._wakeup = trio.Event()
+            pieces = proto.pieces_to_send()
+            if pieces is not None:
+                # One write is at most a chunk or a batch of control messages; _watch_stalls
+                # drops a peer that takes longer than stall_timeout to read one.
+                self._write_began = trio.current_time()
+                if send_parts is not None:
+                    # A write the kernel takes at once need not yield to the scheduler: we do so
+                    # once per _NOWAIT_BYTES (and whenever the socket makes us wait).
+                    size = sum(len(p) for p in pieces)
+                    unyielded += size
+                    await send_parts(pieces, checkpoint=unyielded >= _NOWAIT_BYTES)
+                    if unyielded >= _NOWAIT_BYTES:
+                        unyielded = 0
+                else:
+                    for piece in pieces:
+                        await stream.send_all(piece)
+                self._write_began = None
+                continue
+            if self._ending is not None:
+                return  # everything queued is out
+            if proto.finished:
+                await self._finish_gracefully()
+                return
+            with trio.move_on_at(self._drain_by):
+                await self._wakeup.wait()
+            if trio.current_time() >= self._drain_by:
+                self._end(f"closed: calls still in flight {self.config.drain_timeout:g}s after GOAWAY")
+
+    async def _watch_stalls(self) -> None:
+        """Cancel the send loop when one write has been blocked for stall_timeout seconds.
+
+        One sleeping task per connection instead of a deadline per write (a cancel scope per
+        chunk costs more than the rest of the chunk's bookkeeping).
+        """
+        stall = self.config.stall_timeout
+        while True:
+            began = self._write_began
+            if began is None:
+                await trio.sleep(stall)
+                continue
+            await trio.sleep_until(began + stall)
+            if self._write_began == began:  # the same write, still blocked
+                self._stalled = True
+                self._send_scope.cancel()
+                return
 
     async def _finish_gracefully(self) -> None:
         # Both sides said GOAWAY and nothing is in flight: half-close so the peer reads every

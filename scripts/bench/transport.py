@@ -18,9 +18,14 @@ hands to the handler), after one untimed warm-up call of the same size (steady s
 receiver's allocator reuses memory instead of faulting in fresh pages), and `rpc_p50_us` / `rpc_p99_us` are the round-trip times of `--pings`
 sequential wire.ping calls on an open connection.
 
+The secure channel is measured twice at the default frame size: reading with `receive_some`
+(a fresh bytes object per frame, as any trio stream) and with `receive_into` one reused buffer
+(each frame decrypted straight into it: the channel's own cost, as the RPC layer uses it).
+
 JSON keys: raw_gbps, secure_gbps (at the default frame size), ratio (secure/raw),
-secure_by_frame_size ({frame size: GB/s}), rpc_bulk_gbps, rpc_ratio (rpc/raw), rpc_p50_us,
-rpc_p99_us. GB = 1e9 bytes.
+secure_by_frame_size ({frame size: GB/s}), secure_into_gbps, rpc_bulk_gbps, rpc_ratio (rpc/raw),
+rpc_p50_us, rpc_p99_us, and CPU ns per byte of each side: raw_cpu_ns_per_byte,
+secure_cpu_ns_per_byte, secure_into_cpu_ns_per_byte, rpc_cpu_ns_per_byte. GB = 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ class Run:
     recv_cpu_ns: float  # receiver CPU time per byte, ns
 
 
-async def _receive_run(kind: str, frame_size: int, nbytes: int) -> Run:
-    """One transfer of `nbytes` from a separate sender process."""
+async def _receive_run(kind: str, frame_size: int, nbytes: int, into: bool = False) -> Run:
+    """One transfer of `nbytes` from a separate sender process (`into`: SecureStream.receive_into
+    one reused buffer instead of a fresh bytes object per frame)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     ctx = mp.get_context("spawn")
@@ -103,14 +109,18 @@ async def _receive_run(kind: str, frame_size: int, nbytes: int) -> Run:
             tcp = await listeners[0].accept()
             stream = await _wrapper(kind, frame_size)(tcp, False)
             read = RAW_READ if kind == "raw" else None  # None: one whole frame per call
+            buffer = memoryview(bytearray(frame_size)) if into else None
             got, t0 = 0, 0.0
             while got < nbytes:
-                data = await stream.receive_some(read)
-                if not data:
+                if buffer is not None:
+                    n = await stream.receive_into(buffer)  # type: ignore[attr-defined]
+                else:
+                    n = len(await stream.receive_some(read))
+                if not n:
                     raise RuntimeError(f"sender closed after {got} of {nbytes} bytes")
                 if not got:
                     t0, c0 = time.perf_counter(), time.process_time()
-                got += len(data)
+                got += n
             elapsed = time.perf_counter() - t0
             recv_cpu = time.process_time() - c0
             await stream.send_all(b"k")
@@ -127,9 +137,9 @@ def measure_raw(nbytes: int) -> Run:
     return trio.run(_receive_run, "raw", 0, nbytes)
 
 
-def measure_secure(nbytes: int, frame_size: int = DEFAULT_FRAME_PLAINTEXT) -> Run:
+def measure_secure(nbytes: int, frame_size: int = DEFAULT_FRAME_PLAINTEXT, into: bool = False) -> Run:
     """One transfer over SecureStream on TCP (handshake excluded)."""
-    return trio.run(_receive_run, "secure", frame_size, nbytes)
+    return trio.run(_receive_run, "secure", frame_size, nbytes, into)
 
 
 RPC_BUFFER = 16 << 20  # bytes per buffer of the bulk call
@@ -232,6 +242,7 @@ def main() -> None:
     sizes = [DEFAULT_FRAME_PLAINTEXT] + [int(x) for x in args.frame_sizes.split(",") if x and int(x) != DEFAULT_FRAME_PLAINTEXT]
     raw_runs: list[Run] = []
     secure_runs: dict[int, list[Run]] = {size: [] for size in sizes}
+    into_runs: list[Run] = []
     rpc_runs: list[Run] = []
     latencies: list[tuple[float, float]] = []
     # Interleave the measurements so slow drifts of a shared machine hit all of them alike.
@@ -239,11 +250,13 @@ def main() -> None:
         raw_runs.append(measure_raw(nbytes))
         for size in sizes:
             secure_runs[size].append(measure_secure(nbytes, size))
+        into_runs.append(measure_secure(nbytes, into=True))
         rpc_runs.append(measure_rpc_bulk(nbytes))
         latencies.append(measure_rpc_latency(args.pings))
     raw = _best(raw_runs)
     secure = {size: _best(runs) for size, runs in secure_runs.items()}
     default = secure[DEFAULT_FRAME_PLAINTEXT]
+    into = _best(into_runs)
     rpc = _best(rpc_runs)
     p50, p99 = min(p for p, _ in latencies), min(p for _, p in latencies)
 
@@ -254,6 +267,7 @@ def main() -> None:
         (f"secure, {size // 1024} KiB frames" + (" (default)" if size == DEFAULT_FRAME_PLAINTEXT else ""), secure[size])
         for size in sorted(secure)
     ]
+    rows.append(("secure, receive_into one buffer", into))
     rows.append((f"RPC call, {RPC_BUFFER >> 20} MiB buffers", rpc))
     for label, run in rows:
         print(f"{label:<34} {run.gbps:>7.3f} {run.gbps / raw.gbps:>7.2f} {run.send_cpu_ns:>10.3f} {run.recv_cpu_ns:>10.3f}")
@@ -266,6 +280,8 @@ def main() -> None:
             "raw_cpu_ns_per_byte": {"send": raw.send_cpu_ns, "recv": raw.recv_cpu_ns},
             "secure_cpu_ns_per_byte": {"send": default.send_cpu_ns, "recv": default.recv_cpu_ns},
             "secure_by_frame_size": {str(size): run.gbps for size, run in sorted(secure.items())},
+            "secure_into_gbps": into.gbps,
+            "secure_into_cpu_ns_per_byte": {"send": into.send_cpu_ns, "recv": into.recv_cpu_ns},
             "rpc_bulk_gbps": rpc.gbps,
             "rpc_ratio": rpc.gbps / raw.gbps,
             "rpc_cpu_ns_per_byte": {"send": rpc.send_cpu_ns, "recv": rpc.recv_cpu_ns},
