@@ -501,3 +501,23 @@ async def test_tcp_receive_into_and_nowait_carry_every_byte() -> None:
     await a.aclose()
     assert await b.receive_into(view) == 0
     await b.aclose()
+
+
+async def test_send_parts_may_skip_the_checkpoint_when_the_kernel_takes_the_bytes() -> None:
+    a, b = await tcp_pair()
+    ran: list[int] = []
+
+    async def other() -> None:
+        ran.append(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # runs at the next pass of the scheduler
+        await a.send_parts([b"header", b"payload"], checkpoint=False)
+        assert ran == []  # the kernel took the bytes: no pass of the scheduler
+        await a.send_parts([b"!"])
+        assert ran == [1]
+    assert await b.receive_some() == b"header"
+    assert await b.receive_some() == b"payload"
+    assert b.receive_some_nowait() == b"!" or await b.receive_some() == b"!"
+    await a.aclose()
+    await b.aclose()
