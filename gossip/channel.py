@@ -21,6 +21,13 @@ sees b"" both after the peer's `send_eof()` and after the transport closes betwe
 transport closing in the middle of a frame is a truncation and raises `RemoteProtocolError`.
 Layers above frame their own messages, so a cut at a frame boundary shows up there as an
 incomplete message.
+
+Bulk paths beyond the stream contract, for the RPC layer: `send_parts` sends each part as its
+own frame(s) in one transport write, so that `receive_into` on the other side can decrypt a
+part straight into the buffer it belongs in; `receive_some_nowait` / `receive_into_nowait`
+take what is already here without a pass through the scheduler. Over TCP the socket is read
+and written directly (`gossip.sockio`), into the frame decoder's buffer and from one reused
+send buffer.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """One RPC connection: the trio pump around `gossip.rpc.RpcProtocol` on any byte stream.
 
-Two tasks per connection: one receives (bytes -> events -> waiters and handler tasks), one sends
-(whatever `pieces_to_send()` hands out: control messages first, then one bulk chunk at a time).
-Many calls share the connection; each waits on its own id. All decisions about bytes live in
-the sans-IO core; this module only moves bytes, runs handlers and keeps deadlines.
+Three tasks per connection: one receives (bytes -> events -> waiters and handler tasks), one
+sends (whatever `pieces_to_send()` hands out: control messages first, then one bulk chunk at a
+time), one watches that no write stays blocked longer than `stall_timeout`. Many calls share the
+connection; each waits on its own id. All decisions about bytes live in the sans-IO core; this
+module only moves bytes, runs handlers and keeps deadlines. On a `SecureStream` chunk payloads
+are decrypted straight into the buffers being assembled (`RpcProtocol.chunk_target`), and bytes
+that are already here are taken without a pass through the scheduler (one per 4 MiB at least).
 
 How a connection ends, and what callers see:
 - the peer sends invalid bytes or messages -> it is dropped (one warning line, counted in
