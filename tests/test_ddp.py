@@ -92,3 +92,38 @@ def test_data_parallel_reduces_loss_and_validates_arguments():
         DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), ddp.batchers, clip=0.0)
     with pytest.raises(ValueError, match="one batch per replica"):
         replica_mean_grads([model], _batches(2))
+
+
+def test_convergence_benchmark_counts_equal_tokens_and_exact_bytes(tmp_path):
+    """The benchmark harness end to end, tiny: 2 workers x 4 steps of a 2-layer model."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import convergence
+
+    out = tmp_path / "conv.json"
+    argv = ["--workers", "2", "--steps", "4", "--pretrain-steps", "2", "--batch", "2", "--context", "16",
+            "--d-model", "32", "--n-layer", "2", "--n-head", "2", "--warmup", "1",
+            "--diloco-sync-every", "2", "--noloco-sync-every", "2", "--streaming-sync-every", "2",
+            "--streaming-fragments", "2", "--streaming-delay", "0", "--eval-every", "2", "--eval-seqs", "2",
+            "--diloco-codec", "fp32", "--noloco-codec", "fp32", "--json", str(out)]
+    assert convergence.main(argv) == 0
+    result = json.loads(out.read_text())
+    methods = result["methods"]
+    assert set(methods) == {"ddp", "diloco", "streaming-diloco", "noloco"}
+    n = result["config"]["params"]
+    assert n == sum(p.numel() for p in build_model(LMConfig(context=16, d_model=32, n_layer=2, n_head=2), 0).parameters())
+    for name, m in methods.items():
+        assert m["tokens"] == 2 * 4 * 2 * 16, name  # equal tokens for every method
+        assert m["loss_ratio_vs_ddp"] == pytest.approx(m["eval_bpb"] / methods["ddp"]["eval_bpb"], rel=1e-3)
+        assert [p["step"] for p in m["curve"]] == [0, 2, 4]
+    # DDP: 4 steps of a 2-worker ring all-reduce of fp32 gradients = 4 * (2 * 1/2 * 4P) = 16P.
+    assert methods["ddp"]["bytes_per_worker"] == 16 * n
+    # DiLoCo, fp32, 2 workers: each of the 2 syncs sends 1/2 of 4P bytes twice = 4P; total 8P.
+    assert methods["diloco"]["bytes_per_worker"] == 8 * n
+    assert methods["diloco"]["bytes_ratio_vs_ddp"] == 2.0
+    # NoLoCo, fp32: each of the 2 exchanges sends (phi, delta) = 8P bytes plus a msgpack header.
+    assert 16 * n < methods["noloco"]["bytes_per_worker"] < 16 * n + 2 * 4096
+    assert 0 < methods["streaming-diloco"]["bytes_per_worker"] < methods["diloco"]["bytes_per_worker"]
