@@ -62,6 +62,8 @@ class PairExchange:
         self.changed.fire()
         try:
             while not core.done and trio.current_time() < deadline:
+                if core.nobody_left(r.peer_id for r in self.peers.live_peers()):
+                    break  # every live peer already paired this round: no partner can come
                 await self._pair_step(round, deadline)
         finally:
             outcome = core.finish()

@@ -33,6 +33,11 @@ nodes in order of arrival: the first two to reach a round pair, then the next tw
 pair resumes training at the same moment, it reaches the next round together and pairs again,
 so a swarm running in step splits into pairs that never mix. Any other refusal (busy, paired,
 crossed), or patience running out, makes us pick another target.
+
+Nobody left: once every live peer has told us it already paired this round, we stop at once
+(no partner can come) instead of waiting out the deadline. Waiting it out made the odd node of
+a 3-node swarm fall a whole timeout behind; the other two, reaching the next round first, paired
+again before it arrived, and it never paired again.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import enum
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from gossip.errors import LocalProtocolError
 
@@ -142,6 +147,7 @@ class PairingCore:
         self.target: bytes | None = None  # the peer we propose to until it pairs or refuses
         self.target_until = 0.0  # when we stop waiting for `target`
         self.refused: set[bytes] = set()  # peers that refused us this round
+        self.finished: set[bytes] = set()  # peers that told us they already paired this round
         self._history: OrderedDict[int, bytes] = OrderedDict()  # round -> committed partner
 
     # -- our own round ------------------------------------------------------------------------
@@ -157,7 +163,7 @@ class PairingCore:
         self.round, self.phase, self.ours = round, Phase.OPEN, ours
         self.partner, self.theirs = None, None
         self.patience, self.target = patience, None
-        self.refused = set()
+        self.refused, self.finished = set(), set()
 
     def finish(self) -> tuple[bytes, Payload] | None:
         """End the round: the committed partner and its payload, or None. Back to IDLE."""
@@ -170,7 +176,7 @@ class PairingCore:
             self.stats.unpaired += 1
         self.round, self.phase, self.partner, self.target = None, Phase.IDLE, None, None
         self.ours = self.theirs = None
-        self.refused = set()
+        self.refused, self.finished = set(), set()
         return result
 
     @property
@@ -178,6 +184,11 @@ class PairingCore:
         return self.phase is Phase.PAIRED
 
     # -- initiator side -----------------------------------------------------------------------
+
+    def nobody_left(self, live: Iterable[bytes]) -> bool:
+        """True when we are open and every live peer already paired this round: give up now."""
+        others = [p for p in live if p != self.me]
+        return self.phase is Phase.OPEN and bool(others) and all(p in self.finished for p in others)
 
     def waiting_for(self, now: float) -> bytes | None:
         """The target we keep proposing to (it had not reached the round), or None: choose one."""
@@ -248,6 +259,8 @@ class PairingCore:
     def _refused_by(self, peer: bytes, reason: str) -> None:
         self._count_refusal(reason)
         self.refused.add(peer)
+        if reason == PAIRED:
+            self.finished.add(peer)
         if self.target == peer:
             self.target = None
         self.phase, self.partner, self.theirs = Phase.OPEN, None, None

@@ -484,6 +484,33 @@ async def test_nodes_running_in_step_meet_new_partners(autojump_clock):
     assert repeats <= 0.3 * transitions, (repeats, transitions)
 
 
+async def test_the_odd_node_of_three_stops_at_once_and_pairs_later(autojump_clock):
+    """In a 3-node swarm one node per round has no partner. It stops as soon as both others
+    told it they paired (instead of waiting out its 3 s deadline), so it reaches the next round
+    with them. Waiting it out put it a timeout behind every round: it never paired again."""
+    n, rounds, timeout = 3, 12, 3.0
+    swarm = Swarm(n, link=LinkSpec(latency=0.01, jitter=0.002, bandwidth=1e8), seed=0)
+
+    def make(i):
+        async def main(col):
+            out = []
+            await trio.sleep(0.01 * i)
+            for r in range(rounds):
+                t0 = trio.current_time()
+                got = await col.pair_exchange(r, {"from": i}, [], timeout=timeout)
+                out.append((got, trio.current_time() - t0))
+                await trio.sleep(1.0)  # the same compute time on every node
+            return out
+        return main
+
+    results = await swarm.run({i: make(i) for i in range(n)})
+    for i in range(n):
+        rounds_of_i = results[i][0]
+        assert sum(got is not None for got, _ in rounds_of_i) >= 5, (i, rounds_of_i)  # measured 7-10 of 12
+        assert all(took < timeout / 4 for got, took in rounds_of_i if got is None)  # measured <= 0.4 s
+    assert sum(c.pairing.stats.paired for c in swarm.cols) == 2 * rounds  # one pair every round
+
+
 async def test_two_nodes_crossing_proposals_pair_once(autojump_clock):
     swarm = Swarm(2, link=LinkSpec(latency=0.05, bandwidth=1e8))
     results = await swarm.run({i: pairer(1)(i) for i in range(2)})

@@ -203,3 +203,21 @@ def test_without_patience_not_ready_is_a_refusal():
     assert a.begin_proposal(B)
     assert a.proposal_answered(B, Decision.refuse(NOT_READY)) is False
     assert a.refused == {B} and a.waiting_for(0.0) is None
+
+
+def test_nobody_left_once_every_live_peer_paired_this_round():
+    a = core(A)
+    assert a.nobody_left([B, C]) is False
+    assert a.begin_proposal(B) and a.proposal_answered(B, Decision.refuse(PAIRED)) is False
+    assert a.nobody_left([B, C]) is False  # C may still pair with us
+    assert a.begin_proposal(C) and a.proposal_answered(C, Decision.refuse(BUSY)) is False
+    assert a.nobody_left([B, C]) is False  # busy is not done: C's partner may fall through
+    assert a.begin_proposal(C) and a.proposal_answered(C, Decision.refuse(PAIRED)) is False
+    assert a.nobody_left([A, B, C]) is True  # ourselves in the list does not count
+    assert a.nobody_left([B, C, b"\x04" * 32]) is False  # a peer we have not heard from
+    assert a.nobody_left([]) is False  # nobody known: the pump keeps looking until its deadline
+    assert a.on_propose(B, 7, 0.0) == Decision.accept()  # B's pair fell through after all
+    assert a.nobody_left([B, C]) is False  # holding for B: not open
+    a.finish()
+    a.start(8, Payload(b"\x80"))
+    assert a.finished == set() and a.nobody_left([B, C]) is False  # a new round forgets
