@@ -45,7 +45,8 @@ async def train_swarm(tmp: Path, n: int, **settings) -> list[Node]:
     """Run n nodes on one SimNetwork until each reaches its step budget; returns them stopped.
 
     Node 0 is the bootstrap (address sim:0). Every node waits until it knows the other n − 1
-    before its first step, and starts from the seed's weights (no state sync)."""
+    and they know n − 1 too (the start barrier) before its first step, and starts from the
+    seed's weights (no state sync)."""
     net = SimNetwork(seed=0, default_link=LinkSpec(latency=0.001))
     nodes: list[Node] = []
     async with trio.open_nursery() as nursery:
