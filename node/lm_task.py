@@ -221,15 +221,26 @@ def is_eval_path(rel: str) -> bool:
     return int.from_bytes(_path_hash(rel)[:8], "big") % EVAL_ONE_IN == 0
 
 
-def _is_text(data: bytes) -> bool:
-    """Text = no NUL byte and valid UTF-8. Binary files are skipped in folders, refused alone."""
+def _is_text(data: bytes, truncated: bool = False) -> bool:
+    """Text = no NUL byte and valid UTF-8. Binary files are skipped in folders, refused alone.
+
+    `truncated`: data is a file's head cut at a byte cap, so a multi-byte character split by the
+    cut (an error in the last 3 bytes) is not evidence of binary.
+    """
     if b"\x00" in data:
         return False
     try:
         data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
+    except UnicodeDecodeError as e:
+        return truncated and e.start >= len(data) - 3
     return True
+
+
+def _read_head(path: Path, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of a file, and whether it had more: a huge file costs only the cap."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    return data[:limit], len(data) > limit
 
 
 def _frozen(buf: bytes) -> np.ndarray:
@@ -275,12 +286,11 @@ def _load_folder(root: Path, source: str, *, stdlib: bool, max_bytes: int) -> Co
         if total >= max_bytes:
             break
         try:
-            data = path.read_bytes()
+            data, truncated = _read_head(path, max_bytes - total)
         except OSError:
             continue  # unreadable (permissions, vanished): not corpus
-        if not data or not _is_text(data):
+        if not data or not _is_text(data, truncated):
             continue
-        data = data[: max_bytes - total]
         total += len(data)
         (evals if is_eval_path(rel) else train).append(data)
     if total == 0:
@@ -314,14 +324,14 @@ def _load_cached(data: str | None, max_bytes: int) -> Corpus:
     if path.is_dir():
         return _load_folder(path, str(path), stdlib=False, max_bytes=max_bytes)
     try:
-        raw = path.read_bytes()
+        raw, truncated = _read_head(path, max_bytes)
     except OSError as exc:
         raise ValueError(f"data file {str(path)!r} cannot be read: {exc}") from None
     if not raw:
         raise ValueError(f"data file {str(path)!r} is empty")
-    if not _is_text(raw):
+    if not _is_text(raw, truncated):
         raise ValueError(f"data file {str(path)!r} is not text (it has NUL bytes or is not UTF-8)")
-    return _split_by_position(raw[:max_bytes], str(path))
+    return _split_by_position(raw, str(path))
 
 
 def load_corpus(data: str | os.PathLike | None = None, max_bytes: int = MAX_CORPUS_BYTES) -> Corpus:

@@ -292,3 +292,14 @@ def test_warmup_cosine_hand_computed():
     assert warmup_cosine(99, warmup=0, total=20, min_ratio=0.0) == 0.0
     with pytest.raises(ValueError):
         warmup_cosine(0, warmup=-1, total=10)
+
+
+def test_big_file_is_read_only_up_to_the_cap(tmp_path):
+    # A multi-byte character cut by the cap is still text; the cap bounds what is read.
+    path = tmp_path / "big.txt"
+    path.write_text("é" * 5000, encoding="utf-8")  # 10,000 bytes, 2 per character
+    corpus = load_corpus(path, max_bytes=1001)  # cuts the 501st "é" in half
+    assert len(corpus.train) + len(corpus.eval) == 1001
+    (tmp_path / "bad.txt").write_bytes(b"ok " * 400 + b"\xff\xfe" + b"more" * 10)
+    with pytest.raises(ValueError, match="not text"):
+        load_corpus(tmp_path / "bad.txt", max_bytes=5000)  # invalid UTF-8 well before the cut
