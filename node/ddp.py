@@ -13,8 +13,8 @@ gradients would send, per worker per step: 2 * (W - 1) / W * P * 4 bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 import torch
 import torch.nn as nn

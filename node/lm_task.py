@@ -111,7 +111,7 @@ class ByteLM(nn.Module):
         self.head.weight = self.wte.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
+        T = idx.shape[1]  # idx: (B, T)
         if T > self.cfg.context:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.cfg.context}")
         pos = torch.arange(T, device=idx.device)
@@ -137,7 +137,7 @@ def build_model(cfg: LMConfig, seed: int) -> ByteLM:
     resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("ln1.weight") or name.endswith("ln2.weight") or name == "ln_f.weight":
+            if name.endswith(("ln1.weight", "ln2.weight")) or name == "ln_f.weight":
                 p.fill_(1.0)
             elif p.dim() == 1:  # LayerNorm biases
                 p.zero_()
