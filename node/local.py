@@ -140,6 +140,9 @@ def run_local(
         raise KeyboardInterrupt  # SIGTERM to the parent stops the swarm like Ctrl-C does
 
     old_term = signal.signal(signal.SIGTERM, on_term)
+    # Installed explicitly: a shell starts background jobs with SIGINT ignored, and Python then
+    # keeps ignoring it, so Ctrl-C (or a harness's SIGINT) would not stop the swarm.
+    old_int = signal.signal(signal.SIGINT, on_term)
     try:
         bootstrap: tuple[str, ...] = ()
         for i in range(nodes):
@@ -181,6 +184,7 @@ def run_local(
         codes = launcher.stop_all()  # SIGTERM: each node checkpoints and leaves; SIGKILL after the grace
         launcher.close()
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         out.close()
     rows = []
     for i, p in enumerate(procs):
